@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the whole job on the embedded corpus) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+# fairseq's own requirements, installed first: its torchaudio pin would pull another (multi-GB) torch
+FAIRSEQ_DEPS := cffi cython hydra-core==1.3.2 omegaconf==2.3.0 regex bitarray scikit-learn tqdm
+FAIRSEQ := fairseq-fixed==0.12.3.1
+TEST_DEPS := pytest
+DEMO := runs/demo
+
+.PHONY: install demo test clean-demo
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH) $(FAIRSEQ_DEPS) $(TEST_DEPS)
+	$(BIN)/pip install --no-deps --no-build-isolation $(FAIRSEQ)
+	$(BIN)/pip install -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lite data embedded --out $(DEMO)/text
+	$(BIN)/lite data prepare --from $(DEMO)/text --out $(DEMO)/data --vocab-size 1000
+	$(BIN)/lite train configs/models/lsra/demo.yaml data=$(DEMO)/data save_dir=$(DEMO)/checkpoints
+	$(BIN)/lite eval --checkpoint $(DEMO)/checkpoints/checkpoint_best.pt --split test
+	echo "Ein kleiner Hund läuft über die Wiese." | $(BIN)/lite translate --checkpoint $(DEMO)/checkpoints/checkpoint_best.pt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO)

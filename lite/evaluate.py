@@ -1,0 +1,53 @@
+"""``lite eval``: translate a split of the prepared data and score it with sacrebleu (BLEU, chrF)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lite.data import DataError, write_text
+from lite.translate import GenerationOptions, TorchTranslator
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU and chrF with their sacrebleu signatures."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf = BLEU(), CHRF()
+    return {
+        "bleu": round(bleu.corpus_score(hypotheses, [references]).score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf": round(chrf.corpus_score(hypotheses, [references]).score, 2),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def evaluate(checkpoint: str | Path, split: str, data: str | Path | None = None,
+             options: GenerationOptions = GenerationOptions(), out_dir: str | Path | None = None) -> dict:
+    """Translate ``<data>/raw/<split>.<src>``, score against ``<split>.<tgt>``, write hypotheses and scores."""
+    translator = TorchTranslator(checkpoint, data, options)
+    corpus, raw = translator.corpus, translator.data_dir / "raw"
+    if split not in corpus.splits:
+        raise DataError(f"split {split!r} is not in {translator.data_dir}; its splits: {', '.join(corpus.splits)}")
+    sources = (raw / f"{split}.{corpus.src}").read_text(encoding="utf-8").splitlines()
+    references = (raw / f"{split}.{corpus.tgt}").read_text(encoding="utf-8").splitlines()
+
+    start = time.perf_counter()
+    hypotheses = translator.translate(sources)
+    seconds = time.perf_counter() - start
+
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hypotheses_path = out_dir / f"{split}.hyp.{corpus.tgt}"
+    write_text(hypotheses_path, hypotheses)
+    result = {
+        "checkpoint": str(checkpoint), "split": split, "sentences": len(sources),
+        **score(hypotheses, references),
+        "beam": options.beam, "lenpen": options.lenpen, "backend": "torch",
+        "seconds": round(seconds, 2), "hypotheses": str(hypotheses_path),
+    }
+    tmp = out_dir / f".{split}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_dir / f"{split}.json")
+    return result

@@ -1,0 +1,128 @@
+"""Named architectures of ``lite_transformer`` (``--arch NAME``), values from the papers' configs.
+
+Lite Transformer presets follow mit-han-lab/lite-transformer (configs/*/multibranch_v2/embed*.yml):
+LSRA with the attention branch on half the channels (4 heads), a convolution branch on the other half
+(4 heads, kernels 3,7,15,31,31,31), FFN dim = embed dim, post-norm, 6+6 layers.
+"""
+from __future__ import annotations
+
+from fairseq.models import register_model_architecture
+
+MODEL = "lite_transformer"
+
+
+def _default(args, name: str, value) -> None:
+    setattr(args, name, getattr(args, name, None) if getattr(args, name, None) is not None else value)
+
+
+@register_model_architecture(MODEL, MODEL)
+def base_architecture(args):
+    _default(args, "encoder_mixer", "attention")
+    _default(args, "decoder_mixer", args.encoder_mixer)
+    _default(args, "encoder_embed_dim", 512)
+    _default(args, "encoder_ffn_embed_dim", 4 * args.encoder_embed_dim)
+    _default(args, "encoder_layers", 6)
+    _default(args, "encoder_attention_heads", 8)
+    _default(args, "encoder_kernel_size_list", "3,7,15,31,31,31")
+    _default(args, "decoder_embed_dim", args.encoder_embed_dim)
+    _default(args, "decoder_ffn_embed_dim", args.encoder_ffn_embed_dim)
+    _default(args, "decoder_layers", 6)
+    _default(args, "decoder_attention_heads", args.encoder_attention_heads)
+    _default(args, "decoder_kernel_size_list", args.encoder_kernel_size_list)
+    _default(args, "mixer_attention_heads", None)
+    _default(args, "conv_type", "lightweight")
+    _default(args, "conv_heads", 4)
+    _default(args, "conv_glu", False)
+    _default(args, "weight_softmax", True)
+    _default(args, "dropout", 0.1)
+    _default(args, "attention_dropout", 0.0)
+    _default(args, "weight_dropout", args.attention_dropout)
+    _default(args, "activation_dropout", 0.0)
+    _default(args, "activation_fn", "relu")
+    _default(args, "normalize_before", False)
+    _default(args, "share_all_embeddings", True)
+    _default(args, "share_decoder_input_output_embed", args.share_all_embeddings)
+    _default(args, "max_source_positions", 1024)
+    _default(args, "max_target_positions", 1024)
+
+
+def _lsra(args, dim: int) -> None:
+    _default(args, "encoder_mixer", "lsra")
+    _default(args, "encoder_embed_dim", dim)
+    _default(args, "encoder_ffn_embed_dim", dim)  # flattened FFN
+    _default(args, "mixer_attention_heads", 4)
+    _default(args, "conv_heads", 4)
+
+
+def _lsra_iwslt(args, dim: int) -> None:
+    _lsra(args, dim)
+    _default(args, "encoder_attention_heads", 4)
+    _default(args, "conv_type", "lightweight")
+    _default(args, "conv_glu", False)
+    _default(args, "dropout", 0.2)
+    _default(args, "weight_dropout", 0.1)
+    base_architecture(args)
+
+
+def _lsra_wmt(args, dim: int, dropout: float, attention_dropout: float) -> None:
+    _lsra(args, dim)
+    _default(args, "encoder_attention_heads", 8)  # cross attention; the LSRA branch keeps 4
+    _default(args, "conv_type", "dynamic")
+    _default(args, "conv_glu", True)
+    _default(args, "dropout", dropout)
+    _default(args, "attention_dropout", attention_dropout)
+    _default(args, "weight_dropout", attention_dropout)
+    base_architecture(args)
+
+
+def _transformer(args, dim: int) -> None:
+    _default(args, "encoder_mixer", "attention")
+    _default(args, "encoder_embed_dim", dim)
+    _default(args, "encoder_ffn_embed_dim", 4 * dim)
+    _default(args, "encoder_attention_heads", 4 if dim < 256 else 8)
+    base_architecture(args)
+
+
+@register_model_architecture(MODEL, "lsra_iwslt_160")
+def lsra_iwslt_160(args):
+    _lsra_iwslt(args, 160)
+
+
+@register_model_architecture(MODEL, "lsra_iwslt_240")
+def lsra_iwslt_240(args):
+    _lsra_iwslt(args, 240)
+
+
+@register_model_architecture(MODEL, "lsra_iwslt_320")
+def lsra_iwslt_320(args):
+    _lsra_iwslt(args, 320)
+
+
+@register_model_architecture(MODEL, "lsra_wmt_200")
+def lsra_wmt_200(args):
+    _lsra_wmt(args, 200, dropout=0.04, attention_dropout=0.03)
+
+
+@register_model_architecture(MODEL, "lsra_wmt_408")
+def lsra_wmt_408(args):
+    _lsra_wmt(args, 408, dropout=0.08, attention_dropout=0.06)
+
+
+@register_model_architecture(MODEL, "lsra_wmt_496")
+def lsra_wmt_496(args):
+    _lsra_wmt(args, 496, dropout=0.1, attention_dropout=0.08)
+
+
+@register_model_architecture(MODEL, "transformer_d128")
+def transformer_d128(args):
+    _transformer(args, 128)
+
+
+@register_model_architecture(MODEL, "transformer_d256")
+def transformer_d256(args):
+    _transformer(args, 256)
+
+
+@register_model_architecture(MODEL, "transformer_d320")
+def transformer_d320(args):
+    _transformer(args, 320)

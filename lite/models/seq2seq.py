@@ -1,0 +1,252 @@
+"""The encoder-decoder every lite architecture is built on, registered in fairseq as ``lite_transformer``.
+
+Each layer is ``mixer -> FFN`` (encoder) or ``causal mixer -> cross attention -> FFN`` (decoder), the
+mixer chosen from ``lite.modules.MIXERS`` (attention, LSRA, convolution). Residual blocks are
+post-norm by default, as in the Lite Transformer paper (``--normalize-before`` for pre-norm).
+
+Notation: B batch, S source length, T target length, C embed dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.models import (FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder,
+                            register_model)
+from fairseq.modules import LayerNorm, MultiheadAttention, PositionalEmbedding
+from torch import Tensor, nn
+
+from lite.modules import MIXERS, FeedForward, MixerSpec, build_mixer
+from lite.modules.attention import IncrementalState
+
+EncoderOut = Dict[str, List[Tensor]]
+
+
+def _kernel_sizes(value: Any, layers: int) -> List[int]:
+    """'3,7,15' or [3, 7, 15] -> per-layer list (one value repeats; a longer list is cut)."""
+    sizes = [int(k) for k in (value.split(",") if isinstance(value, str) else value)]
+    sizes = sizes * layers if len(sizes) == 1 else sizes[:layers]
+    if len(sizes) != layers:
+        raise ValueError(f"kernel size list {value!r} has fewer entries than the {layers} layers")
+    return sizes
+
+
+def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
+    heads = getattr(args, "mixer_attention_heads", None) or getattr(args, f"{side}_attention_heads")
+    return MixerSpec(
+        embed_dim=getattr(args, f"{side}_embed_dim"),
+        attention_heads=heads,
+        causal=causal,
+        kernel_size=_kernel_sizes(getattr(args, f"{side}_kernel_size_list"), getattr(args, f"{side}_layers"))[layer],
+        conv_type=args.conv_type,
+        conv_heads=args.conv_heads,
+        conv_glu=args.conv_glu,
+        weight_softmax=args.weight_softmax,
+        weight_dropout=args.weight_dropout,
+        attention_dropout=args.attention_dropout,
+    )
+
+
+class Residual(nn.Module):
+    """x + dropout(f(norm(x))) when pre-norm, norm(x + dropout(f(x))) when post-norm."""
+
+    def __init__(self, embed_dim: int, dropout: float, normalize_before: bool):
+        super().__init__()
+        self.norm = LayerNorm(embed_dim)
+        self.dropout, self.normalize_before = dropout, normalize_before
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        h = sublayer(self.norm(x) if self.normalize_before else x)
+        x = x + F.dropout(h, p=self.dropout, training=self.training)
+        return x if self.normalize_before else self.norm(x)
+
+
+class EncoderLayer(nn.Module):
+    """Mixer, then FFN; each in a residual block. Shape: Input/Output S x B x C."""
+
+    def __init__(self, args, layer: int):
+        super().__init__()
+        dim = args.encoder_embed_dim
+        self.mixer = build_mixer(args.encoder_mixer, _mixer_spec(args, "encoder", layer, causal=False))
+        self.ffn = FeedForward(dim, args.encoder_ffn_embed_dim, args.activation_fn, args.activation_dropout)
+        self.mixer_block = Residual(dim, args.dropout, args.normalize_before)
+        self.ffn_block = Residual(dim, args.dropout, args.normalize_before)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        x = self.mixer_block(x, lambda h: self.mixer(h, padding_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    """Causal mixer, cross attention over the encoder output, FFN. Shape: Input/Output T x B x C."""
+
+    def __init__(self, args, layer: int):
+        super().__init__()
+        dim = args.decoder_embed_dim
+        self.mixer = build_mixer(args.decoder_mixer, _mixer_spec(args, "decoder", layer, causal=True))
+        self.cross_attention = MultiheadAttention(
+            dim, args.decoder_attention_heads, kdim=args.encoder_embed_dim, vdim=args.encoder_embed_dim,
+            dropout=args.attention_dropout, encoder_decoder_attention=True)
+        self.ffn = FeedForward(dim, args.decoder_ffn_embed_dim, args.activation_fn, args.activation_dropout)
+        self.mixer_block = Residual(dim, args.dropout, args.normalize_before)
+        self.cross_block = Residual(dim, args.dropout, args.normalize_before)
+        self.ffn_block = Residual(dim, args.dropout, args.normalize_before)
+
+    def forward(self, x: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
+                incremental_state: IncrementalState) -> Tensor:
+        x = self.mixer_block(x, lambda h: self.mixer(h, None, incremental_state))
+        x = self.cross_block(x, lambda h: self.cross_attention(
+            h, memory, memory, key_padding_mask=memory_padding_mask, incremental_state=incremental_state,
+            static_kv=True, need_weights=False)[0])
+        return self.ffn_block(x, self.ffn)
+
+
+def _embed(tokens: Tensor, positions: Tensor, embed_tokens: nn.Embedding, dropout: float, training: bool) -> Tensor:
+    """Scaled token embedding + positions: B x L -> L x B x C."""
+    x = math.sqrt(embed_tokens.embedding_dim) * embed_tokens(tokens) + positions
+    return F.dropout(x, p=dropout, training=training).transpose(0, 1)
+
+
+class LiteEncoder(FairseqEncoder):
+    """Shape: src_tokens B x S -> encoder_out S x B x C, encoder_padding_mask B x S."""
+
+    def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
+        super().__init__(dictionary)
+        self.dropout = args.dropout
+        self.embed_tokens = embed_tokens
+        self.padding_idx = embed_tokens.padding_idx
+        self.embed_positions = PositionalEmbedding(args.max_source_positions, args.encoder_embed_dim,
+                                                   self.padding_idx, learned=False)
+        self.layers = nn.ModuleList(EncoderLayer(args, i) for i in range(args.encoder_layers))
+        self.layer_norm = LayerNorm(args.encoder_embed_dim) if args.normalize_before else None
+        self.max_source_positions = args.max_source_positions
+
+    def forward(self, src_tokens: Tensor, src_lengths: Optional[Tensor] = None) -> EncoderOut:
+        padding_mask = src_tokens.eq(self.padding_idx)  # [B, S]
+        x = _embed(src_tokens, self.embed_positions(src_tokens), self.embed_tokens, self.dropout, self.training)
+        x = x.masked_fill(padding_mask.transpose(0, 1).unsqueeze(-1), 0.0)  # [S, B, C]
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return {"encoder_out": [x], "encoder_padding_mask": [padding_mask], "src_lengths":
+                [] if src_lengths is None else [src_lengths]}
+
+    @torch.jit.export
+    def reorder_encoder_out(self, encoder_out: EncoderOut, new_order: Tensor) -> EncoderOut:
+        return {
+            "encoder_out": [encoder_out["encoder_out"][0].index_select(1, new_order)],
+            "encoder_padding_mask": [encoder_out["encoder_padding_mask"][0].index_select(0, new_order)],
+            "src_lengths": [t.index_select(0, new_order) for t in encoder_out["src_lengths"]],
+        }
+
+    def max_positions(self) -> int:
+        return self.max_source_positions
+
+
+class LiteDecoder(FairseqIncrementalDecoder):
+    """Shape: prev_output_tokens B x T -> logits B x T x V (B x 1 x V when stepping)."""
+
+    def __init__(self, args, dictionary, embed_tokens: nn.Embedding):
+        super().__init__(dictionary)
+        self.dropout = args.dropout
+        self.embed_tokens = embed_tokens
+        self.embed_positions = PositionalEmbedding(args.max_target_positions, args.decoder_embed_dim,
+                                                   embed_tokens.padding_idx, learned=False)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.decoder_layers))
+        self.layer_norm = LayerNorm(args.decoder_embed_dim) if args.normalize_before else None
+        self.output_projection = nn.Linear(args.decoder_embed_dim, len(dictionary), bias=False)
+        if args.share_decoder_input_output_embed:
+            self.output_projection.weight = embed_tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, mean=0, std=args.decoder_embed_dim ** -0.5)
+        self.max_target_positions = args.max_target_positions
+
+    def forward(self, prev_output_tokens: Tensor, encoder_out: Optional[EncoderOut] = None,
+                incremental_state: IncrementalState = None, features_only: bool = False, **unused):
+        x, extra = self.extract_features(prev_output_tokens, encoder_out, incremental_state)
+        return (x if features_only else self.output_layer(x)), extra
+
+    def extract_features(self, prev_output_tokens: Tensor, encoder_out: Optional[EncoderOut] = None,
+                         incremental_state: IncrementalState = None, **unused):
+        # positions are read off the whole prefix; when stepping only the last token is embedded
+        positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)  # [B, T|1, C]
+        tokens = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
+        x = _embed(tokens, positions, self.embed_tokens, self.dropout, self.training)  # [T, B, C]
+        memory = encoder_out["encoder_out"][0]  # [S, B, C]
+        memory_padding_mask = encoder_out["encoder_padding_mask"][0]  # [B, S]
+        for layer in self.layers:
+            x = layer(x, memory, memory_padding_mask, incremental_state)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x.transpose(0, 1), {"attn": [None]}  # [B, T, C]
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        return self.output_projection(features)
+
+    def max_positions(self) -> int:
+        return self.max_target_positions
+
+
+@register_model("lite_transformer")
+class LiteTransformerModel(FairseqEncoderDecoderModel):
+    """Encoder-decoder with a pluggable token mixer per side; see ``lite/models/architectures.py``."""
+
+    @staticmethod
+    def add_args(parser):
+        add = parser.add_argument
+        add("--encoder-mixer", choices=sorted(MIXERS), help="token mixer of the encoder layers")
+        add("--decoder-mixer", choices=sorted(MIXERS), help="causal token mixer of the decoder layers")
+        for side in ("encoder", "decoder"):
+            add(f"--{side}-embed-dim", type=int, metavar="N")
+            add(f"--{side}-ffn-embed-dim", type=int, metavar="N")
+            add(f"--{side}-layers", type=int, metavar="N")
+            add(f"--{side}-attention-heads", type=int, metavar="N")
+            add(f"--{side}-kernel-size-list", type=str, metavar="K,K,...",
+                help="convolution kernel size per layer (one value repeats)")
+        add("--mixer-attention-heads", type=int, metavar="N",
+            help="heads of the mixer's attention (LSRA branch); default: the side's attention heads")
+        add("--conv-type", choices=["lightweight", "dynamic"])
+        add("--conv-heads", type=int, metavar="N")
+        add("--conv-glu", type=utils.eval_bool, metavar="BOOL", help="Linear C->2C + GLU before the convolution")
+        add("--weight-softmax", type=utils.eval_bool, metavar="BOOL")
+        add("--weight-dropout", type=float, metavar="D", help="dropout on the convolution kernels")
+        add("--dropout", type=float, metavar="D")
+        add("--attention-dropout", type=float, metavar="D")
+        add("--activation-dropout", type=float, metavar="D")
+        add("--activation-fn", choices=utils.get_available_activation_fns())
+        add("--normalize-before", type=utils.eval_bool, metavar="BOOL", help="pre-norm residual blocks")
+        add("--share-all-embeddings", type=utils.eval_bool, metavar="BOOL",
+            help="one embedding for source, target and output (needs a joined dictionary)")
+        add("--share-decoder-input-output-embed", type=utils.eval_bool, metavar="BOOL")
+
+    @classmethod
+    def build_model(cls, args, task):
+        from lite.models.architectures import base_architecture
+
+        base_architecture(args)
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+        if args.share_all_embeddings:
+            if src_dict != tgt_dict:
+                raise ValueError("--share-all-embeddings needs a joined dictionary "
+                                 "(lite data prepare writes one; or pass --share-all-embeddings false)")
+            if args.encoder_embed_dim != args.decoder_embed_dim:
+                raise ValueError("--share-all-embeddings needs encoder and decoder embed dims to be equal")
+            args.share_decoder_input_output_embed = True
+            encoder_embed = decoder_embed = _embedding(src_dict, args.encoder_embed_dim)
+        else:
+            encoder_embed = _embedding(src_dict, args.encoder_embed_dim)
+            decoder_embed = _embedding(tgt_dict, args.decoder_embed_dim)
+        model = cls(LiteEncoder(args, src_dict, encoder_embed), LiteDecoder(args, tgt_dict, decoder_embed))
+        model.args = args
+        return model
+
+
+def _embedding(dictionary, dim: int) -> nn.Embedding:
+    embedding = nn.Embedding(len(dictionary), dim, padding_idx=dictionary.pad())
+    nn.init.normal_(embedding.weight, mean=0, std=dim ** -0.5)
+    nn.init.constant_(embedding.weight[dictionary.pad()], 0)
+    return embedding

@@ -1,0 +1,76 @@
+"""Token mixers: one module per mechanism, all with the interface
+
+    mixer(x: T x B x C, padding_mask: B x T | None, incremental_state) -> T x B x C
+
+and one registry, ``MIXERS``, from the name used by ``--encoder-mixer`` / ``--decoder-mixer``
+to a builder ``(spec) -> nn.Module``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from lite.modules.attention import SelfAttention
+from lite.modules.conv import DynamicConv, LightweightConv
+from lite.modules.ffn import FeedForward
+from lite.modules.lsra import LSRA, ConvBranch
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """What a mixer needs to know about its place in the model."""
+
+    embed_dim: int
+    attention_heads: int
+    causal: bool
+    kernel_size: int
+    conv_type: str  # "lightweight" | "dynamic"
+    conv_heads: int
+    conv_glu: bool
+    weight_softmax: bool
+    weight_dropout: float
+    attention_dropout: float
+
+
+CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
+
+
+def _conv_branch(spec: MixerSpec, channels: int) -> ConvBranch:
+    if spec.conv_type not in CONVS:
+        raise ValueError(f"unknown conv type {spec.conv_type!r}; valid: {sorted(CONVS)}")
+    conv = CONVS[spec.conv_type](channels, spec.kernel_size, spec.conv_heads, spec.causal,
+                                 weight_softmax=spec.weight_softmax, weight_dropout=spec.weight_dropout)
+    return ConvBranch(channels, conv, spec.conv_glu)
+
+
+def _attention(spec: MixerSpec) -> nn.Module:
+    return SelfAttention(spec.embed_dim, spec.attention_heads, spec.causal, spec.attention_dropout)
+
+
+def _lsra(spec: MixerSpec) -> nn.Module:
+    half = spec.embed_dim // 2
+    attention = SelfAttention(half, spec.attention_heads, spec.causal, spec.attention_dropout)
+    return LSRA(attention, _conv_branch(spec, spec.embed_dim - half), split=half)
+
+
+def _conv(spec: MixerSpec) -> nn.Module:
+    return _conv_branch(spec, spec.embed_dim)
+
+
+MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
+    "attention": _attention,
+    "lsra": _lsra,
+    "conv": _conv,
+}
+
+
+def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; valid: {sorted(MIXERS)}")
+    return MIXERS[name](spec)
+
+
+__all__ = ["MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
+           "LightweightConv", "DynamicConv"]

@@ -1,0 +1,93 @@
+"""``lite train CONFIG [key=value ...]``: a YAML config of fairseq-train options, run with ``--user-dir lite``.
+
+A config maps fairseq-train option names (``max_tokens`` or ``max-tokens``) to values; ``data`` is the
+prepared data dir and ``save_dir`` the checkpoint dir. ``true`` switches a flag on, ``false``/``null`` leave it
+off, a list becomes several arguments. fairseq picks the GPU when there is one and resumes from
+``<save_dir>/checkpoint_last.pt``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+USER_DIR = str(Path(__file__).resolve().parent)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into fairseq-train options."""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """YAML mapping, then ``key=value`` overrides (values parsed as YAML: ``lr=1e-3``, ``fp16=true``)."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config is a mapping of fairseq-train options, got {type(config).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. max_update=100)")
+        config[key.strip()] = yaml.safe_load(value)
+    config = {k.replace("-", "_"): v for k, v in config.items()}
+    for key in ("arch", "data", "save_dir"):
+        if not config.get(key):
+            raise ConfigError(f"{path}: `{key}` is missing (set it in the file or as {key}=...)")
+    return config
+
+
+def to_argv(config: dict[str, Any]) -> list[str]:
+    """fairseq-train command-line arguments for a config (data dir first, as positional)."""
+    argv = [str(config["data"]), "--user-dir", USER_DIR]
+    for key, value in config.items():
+        if key == "data" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_fairseq_args(argv: list[str]):
+    """Parse with fairseq-train's own parser (and the chosen arch's options); unknown options fail."""
+    from fairseq import options
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    from lite.models import LiteTransformerModel
+
+    arch = argv[argv.index("--arch") + 1] if "--arch" in argv else None
+    if arch not in ARCH_MODEL_REGISTRY:
+        ours = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is LiteTransformerModel)
+        raise ConfigError(f"unknown --arch {arch!r}; lite's architectures: {', '.join(ours)} "
+                          f"(any other fairseq architecture works too)")
+    parser = options.get_training_parser()
+    args, unknown = options.parse_args_and_arch(parser, argv, parse_known=True)
+    if unknown:
+        raise ConfigError(f"options fairseq-train does not know: {' '.join(unknown)}")
+    return args
+
+
+def train(config: dict[str, Any], max_minutes: float | None = None, finetune_from: str | None = None) -> int:
+    """Run fairseq-train in a child process; returns its exit code."""
+    argv = to_argv(config)
+    if max_minutes is not None:
+        argv += ["--stop-time-hours", f"{max_minutes / 60:.6f}"]  # cumulative across resumes
+    if finetune_from:
+        argv += ["--finetune-from-model", str(finetune_from)]
+    if "log_format" not in config:
+        argv += ["--log-format", "tqdm" if sys.stderr.isatty() else "simple"]
+    parse_fairseq_args(argv)  # fail here, with a clear message, rather than deep inside fairseq
+    Path(config["save_dir"]).mkdir(parents=True, exist_ok=True)
+    print("fairseq-train " + " ".join(argv), file=sys.stderr, flush=True)
+    return subprocess.call([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy())

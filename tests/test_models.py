@@ -1,0 +1,82 @@
+"""Every registered lite architecture: stepping == full causal pass, padding invariance, beam search."""
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator
+
+from tests.conftest import LITE_ARCHS, assert_close, tiny_dictionary, tiny_model
+
+
+def test_registry_holds_the_issue_presets():
+    expected = {"lsra_iwslt_160", "lsra_iwslt_240", "lsra_iwslt_320", "lsra_wmt_200", "lsra_wmt_408",
+                "lsra_wmt_496", "transformer_d128", "transformer_d256", "transformer_d320"}
+    assert expected <= set(LITE_ARCHS)
+
+
+def _source(dictionary, batch=2, length=5):
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch, length))
+    tokens[:, -1] = dictionary.eos()
+    return tokens
+
+
+@pytest.mark.parametrize("arch", LITE_ARCHS)
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_stepping_matches_full_causal_pass(arch, length):
+    d = tiny_dictionary()
+    model = tiny_model(arch, d)
+    src = _source(d)
+    encoder_out = model.encoder(src)
+    prev = torch.randint(d.nspecial, len(d), (2, length))
+    prev[:, 0] = d.eos()
+    full, _ = model.decoder(prev, encoder_out)  # [B, T, V]
+    state = {}
+    steps = torch.cat([model.decoder(prev[:, :t + 1], encoder_out, incremental_state=state)[0]
+                       for t in range(length)], dim=1)
+    assert_close(steps, full)
+
+
+@pytest.mark.parametrize("arch", LITE_ARCHS)
+def test_decoder_is_causal(arch):
+    d = tiny_dictionary()
+    model = tiny_model(arch, d)
+    encoder_out = model.encoder(_source(d))
+    prev = torch.randint(d.nspecial, len(d), (2, 8))
+    changed = prev.clone()
+    changed[:, 5:] = d.nspecial  # the future differs
+    assert_close(model.decoder(changed, encoder_out)[0][:, :5], model.decoder(prev, encoder_out)[0][:, :5])
+
+
+@pytest.mark.parametrize("arch", LITE_ARCHS)
+def test_left_padding_changes_nothing(arch):
+    """A sentence alone and the same sentence left-padded in a batch encode and decode alike."""
+    d = tiny_dictionary()
+    model = tiny_model(arch, d)
+    short, long = _source(d, 1, 4), _source(d, 1, 9)
+    padded = torch.cat([torch.full((1, 5), d.pad()), short], dim=1)
+    batch = torch.cat([padded, long])  # [2, 9], first row left-padded
+    alone = model.encoder(short)["encoder_out"][0][:, 0]  # [4, C]
+    in_batch = model.encoder(batch)["encoder_out"][0][5:, 0]
+    assert_close(in_batch, alone)
+    prev = torch.tensor([[d.eos(), 7, 8]])
+    out_alone = model.decoder(prev, model.encoder(short))[0]
+    out_batch = model.decoder(prev.repeat(2, 1), model.encoder(batch))[0][:1]
+    assert_close(out_batch, out_alone)
+
+
+@pytest.mark.parametrize("arch", ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128"])
+def test_beam_search_scores_match_a_full_forward(arch):
+    """SequenceGenerator (incremental states reordered across beams) scores each hypothesis exactly as a
+    teacher-forced pass over the same tokens does."""
+    d = tiny_dictionary()
+    model = tiny_model(arch, d)
+    src = _source(d, batch=3, length=6)
+    generator = SequenceGenerator([model], d, beam_size=4, max_len_b=12, len_penalty=1.0)
+    hypos = generator.generate([model], {"net_input": {"src_tokens": src, "src_lengths": torch.full((3,), 6)}})
+    for i, nbest in enumerate(hypos):
+        assert len(nbest) == 4
+        for hypo in nbest:
+            tokens = hypo["tokens"]  # ends with <eos>
+            prev = torch.cat([torch.tensor([d.eos()]), tokens[:-1]]).unsqueeze(0)
+            logits, _ = model(src[i:i + 1], torch.tensor([6]), prev)
+            lprobs = model.get_normalized_probs((logits, None), log_probs=True)[0]
+            token_scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            assert_close(hypo["positional_scores"], token_scores, atol=1e-4, rtol=1e-4)
