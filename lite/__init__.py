@@ -3,7 +3,11 @@
 Importing ``lite`` registers the models with fairseq (``fairseq-train --user-dir lite``) and
 lets torch's weights-only loader read fairseq checkpoints.
 """
+import logging
+
 from lite.checkpoint import allow_fairseq_checkpoints
+
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)  # it asks for tensorboardX at import
 
 allow_fairseq_checkpoints()
 

@@ -1,4 +1,4 @@
-"""The ``lite`` command: data, train, translate, eval."""
+"""The ``lite`` command: data, train, translate, eval, macs."""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where hypotheses and scores go (default: <checkpoint dir>/eval)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
+
+    from eval.macs import register_cli as register_macs
+
+    register_macs(sub)
     return parser
 
 

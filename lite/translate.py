@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 
 from lite.checkpoint import CheckpointError
-from lite.data import SPM_MODEL, Corpus
+from lite.data import CORPUS_FILE, SPM_MODEL, Corpus
 
 logger = logging.getLogger(__name__)
 
@@ -44,23 +44,27 @@ def read_stdin_lines() -> list[str]:
 def load_checkpoint(path: str | Path, data: str | Path | None = None):
     """(model in eval mode, task) from a fairseq checkpoint; ``data`` overrides the data dir it was trained on."""
     from fairseq import checkpoint_utils
+    from fairseq.data import Dictionary
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     overrides = {"data": str(data)} if data else {}
     try:
-        models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides=overrides)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: its data dir is missing ({e}); pass --data DIR") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        state = checkpoint_utils.load_checkpoint_to_cpu(str(path), arg_overrides=overrides)
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not a loadable fairseq checkpoint ({type(e).__name__}: {e})") from None
-    model = models[0].eval()
-    embedding = model.encoder.embed_tokens.num_embeddings
-    if embedding != len(task.source_dictionary):
-        raise CheckpointError(f"{path} was trained with a {embedding}-entry dictionary but {task.cfg.data} has "
-                              f"{len(task.source_dictionary)}: pass the --data dir it was trained on")
-    return model, task
+    data_dir = Path(state["cfg"]["task"].data)
+    if not (data_dir / CORPUS_FILE).is_file():
+        raise CheckpointError(f"{path}: {data_dir} is not a prepared data dir; pass --data DIR (the dir made by "
+                              f"`lite data prepare` that the checkpoint was trained on)")
+    dict_path = data_dir / f"dict.{Corpus.load(data_dir).src}.txt"
+    trained_vocab = state["model"]["encoder.embed_tokens.weight"].size(0)
+    if trained_vocab != len(Dictionary.load(str(dict_path))):
+        raise CheckpointError(f"{path} was trained with a {trained_vocab}-entry dictionary but {dict_path} has "
+                              f"{len(Dictionary.load(str(dict_path)))}: pass the --data dir it was trained on")
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides=overrides, state=state)
+    return models[0].eval(), task
 
 
 class TorchTranslator:
