@@ -48,7 +48,8 @@ ELEMENTWISE = {"aten::glu", "aten::masked_fill", "aten::triu", "aten::new_full",
                "aten::expand_as", "aten::ones_like", "aten::bernoulli_", "aten::empty_like", "aten::any",
                "aten::where", "aten::repeat", "aten::fill_", "aten::masked_fill_", "aten::logical_not",
                "aten::detach", "aten::embedding", "aten::new_ones", "aten::bitwise_not", "aten::log_softmax",
-               "aten::pad", "aten::_shape_as_tensor"}
+               "aten::pad", "aten::_shape_as_tensor", "aten::unbind", "aten::ones", "aten::remainder",
+               "aten::maximum", "aten::exp", "aten::cat", "aten::stack"}
 
 
 class MacsError(ValueError):

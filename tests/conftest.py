@@ -14,7 +14,7 @@ from lite.models import LiteTransformerModel
 
 TINY = dict(encoder_embed_dim=16, decoder_embed_dim=16, encoder_ffn_embed_dim=32, decoder_ffn_embed_dim=32,
             encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-            mixer_attention_heads=2, conv_heads=2)
+            mixer_attention_heads=2, conv_heads=2, gau_key_dim=8)
 LITE_ARCHS = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is LiteTransformerModel)
 
 
@@ -41,7 +41,10 @@ class TinyTask:
 
 
 def tiny_model(arch: str, dictionary: Dictionary | None = None, **overrides) -> LiteTransformerModel:
-    """A registered architecture at test size (embed 16, 2+2 layers), in eval mode."""
-    args = argparse.Namespace(**{**TINY, **overrides})
+    """A registered architecture at test size (embed 16, 2+2 layers), in eval mode; FFN-less stays FFN-less."""
+    preset = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[arch](preset)
+    no_ffn = {} if preset.encoder_ffn_embed_dim else {"encoder_ffn_embed_dim": 0, "decoder_ffn_embed_dim": 0}
+    args = argparse.Namespace(**{**TINY, **no_ffn, **overrides})
     ARCH_CONFIG_REGISTRY[arch](args)
     return LiteTransformerModel.build_model(args, TinyTask(dictionary or tiny_dictionary())).eval()

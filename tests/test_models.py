@@ -8,7 +8,8 @@ from tests.conftest import LITE_ARCHS, assert_close, tiny_dictionary, tiny_model
 
 def test_registry_holds_the_issue_presets():
     expected = {"lsra_iwslt_160", "lsra_iwslt_240", "lsra_iwslt_320", "lsra_wmt_200", "lsra_wmt_408",
-                "lsra_wmt_496", "transformer_d128", "transformer_d256", "transformer_d320"}
+                "lsra_wmt_496", "transformer_d128", "transformer_d256", "transformer_d320",
+                "flash_quad_100m", "flash_quad_500m", "flash_100m", "flash_500m", "fastformer_100m", "fastformer_500m"}
     assert expected <= set(LITE_ARCHS)
 
 
@@ -62,7 +63,8 @@ def test_left_padding_changes_nothing(arch):
     assert_close(out_batch, out_alone)
 
 
-@pytest.mark.parametrize("arch", ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128"])
+@pytest.mark.parametrize("arch", ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128", "flash_quad_100m",
+                                  "flash_100m", "fastformer_100m"])
 def test_beam_search_scores_match_a_full_forward(arch):
     """SequenceGenerator (incremental states reordered across beams) scores each hypothesis exactly as a
     teacher-forced pass over the same tokens does."""
@@ -80,3 +82,16 @@ def test_beam_search_scores_match_a_full_forward(arch):
             lprobs = model.get_normalized_probs((logits, None), log_probs=True)[0]
             token_scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             assert_close(hypo["positional_scores"], token_scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 5])
+def test_flash_decoder_steps_across_many_chunk_boundaries(chunk_size):
+    """A whole FLASH model, 33 steps over chunks of 4 (8 boundaries) and of 5 (which does not divide 33)."""
+    d = tiny_dictionary()
+    model = tiny_model("flash_100m", d, chunk_size=chunk_size)
+    encoder_out = model.encoder(_source(d))
+    prev = torch.randint(d.nspecial, len(d), (2, 33))
+    prev[:, 0] = d.eos()
+    state = {}
+    steps = torch.cat([model.decoder(prev[:, :t + 1], encoder_out, incremental_state=state)[0] for t in range(33)], 1)
+    assert_close(steps, model.decoder(prev, encoder_out)[0])

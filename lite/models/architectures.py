@@ -34,6 +34,9 @@ def base_architecture(args):
     _default(args, "conv_heads", 4)
     _default(args, "conv_glu", False)
     _default(args, "weight_softmax", True)
+    _default(args, "gau_expansion", 2)
+    _default(args, "gau_key_dim", 128)
+    _default(args, "chunk_size", 0)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -81,6 +84,27 @@ def _transformer(args, dim: int) -> None:
     _default(args, "encoder_ffn_embed_dim", 4 * dim)
     _default(args, "encoder_attention_heads", 4 if dim < 256 else 8)
     base_architecture(args)
+
+
+def _flash(args, dim: int, chunk_size: int) -> None:
+    """FLASH-Quad (chunk 0) / FLASH: GAU layers without FFN, twice as many (two GAUs replace attention + FFN),
+    pre-norm as in the paper's code; the decoder keeps a cross attention after each GAU."""
+    _default(args, "encoder_mixer", "gau")
+    _default(args, "encoder_embed_dim", dim)
+    _default(args, "encoder_ffn_embed_dim", 0)
+    _default(args, "encoder_layers", 12)
+    _default(args, "decoder_layers", 12)
+    _default(args, "encoder_attention_heads", 4 if dim < 256 else 8)  # cross attention
+    _default(args, "chunk_size", chunk_size)
+    _default(args, "encoder_kernel_size_list", "3")  # no convolution; one value serves any depth
+    _default(args, "normalize_before", True)
+    base_architecture(args)
+
+
+def _fastformer(args, dim: int) -> None:
+    """Fastformer additive attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", "fastformer")
+    _transformer(args, dim)
 
 
 @register_model_architecture(MODEL, "lsra_iwslt_160")

@@ -14,9 +14,10 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import MODEL, _lsra_wmt, _transformer
+from lite.models.architectures import MODEL, _fastformer, _flash, _lsra_wmt, _transformer
 
 M = 1_000_000
+FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,21 @@ FAMILIES: dict[str, Family] = {
     "lsra": Family(lambda args, dim: _lsra_wmt(args, dim, dropout=0.1, attention_dropout=0.08), 8,
                    "LSRA, WMT style: dynamic conv + GLU, FFN = embed, 6+6 layers"),
     "transformer": Family(_transformer, 8, "Transformer: FFN = 4 x embed, 4 heads below d=256 and 8 from it, 6+6"),
+    "flash_quad": Family(lambda args, dim: _flash(args, dim, chunk_size=0), 8,
+                         "FLASH-Quad: GAU (e = 2d, s = 128), no FFN, 12+12 layers, pre-norm"),
+    "flash": Family(lambda args, dim: _flash(args, dim, chunk_size=FLASH_CHUNK), 8,
+                    f"FLASH: GAU with mixed chunk attention (C = {FLASH_CHUNK}), no FFN, 12+12 layers, pre-norm"),
+    "fastformer": Family(_fastformer, 8, "Fastformer: additive attention in place of self-attention, FFN = 4 x embed, "
+                                         "6+6"),
 }
 
 # family -> {budget in MACs -> arch}
 BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "lsra": {100 * M: "lsra_100m", 500 * M: "lsra_500m"},
     "transformer": {100 * M: "transformer_100m", 500 * M: "transformer_500m"},
+    "flash_quad": {100 * M: "flash_quad_100m", 500 * M: "flash_quad_500m"},
+    "flash": {100 * M: "flash_100m", 500 * M: "flash_500m"},
+    "fastformer": {100 * M: "fastformer_100m", 500 * M: "fastformer_500m"},
 }
 
 
@@ -59,3 +69,33 @@ def transformer_100m(args):  # d=136 (4 heads): 97.6M MACs
 @register_model_architecture(MODEL, "transformer_500m")
 def transformer_500m(args):  # d=304 (8 heads): 475.6M MACs (d=312: 500.7M)
     _transformer(args, 304)
+
+
+@register_model_architecture(MODEL, "flash_quad_100m")
+def flash_quad_100m(args):  # d=112: 92.6M MACs
+    _flash(args, 112, chunk_size=0)
+
+
+@register_model_architecture(MODEL, "flash_quad_500m")
+def flash_quad_500m(args):  # d=280: 498.3M MACs
+    _flash(args, 280, chunk_size=0)
+
+
+@register_model_architecture(MODEL, "flash_100m")
+def flash_100m(args):  # d=88: 93.0M MACs (with s = 128 > d the linear part, 2 s e MACs a frame, is dear)
+    _flash(args, 88, chunk_size=FLASH_CHUNK)
+
+
+@register_model_architecture(MODEL, "flash_500m")
+def flash_500m(args):  # d=248: 487.7M MACs
+    _flash(args, 248, chunk_size=FLASH_CHUNK)
+
+
+@register_model_architecture(MODEL, "fastformer_100m")
+def fastformer_100m(args):  # d=136 (4 heads): 96.6M MACs
+    _fastformer(args, 136)
+
+
+@register_model_architecture(MODEL, "fastformer_500m")
+def fastformer_500m(args):  # d=312 (8 heads): 499.3M MACs
+    _fastformer(args, 312)

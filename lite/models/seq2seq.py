@@ -47,6 +47,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         weight_softmax=args.weight_softmax,
         weight_dropout=args.weight_dropout,
         attention_dropout=args.attention_dropout,
+        gau_expansion=args.gau_expansion,
+        gau_key_dim=args.gau_key_dim,
+        chunk_size=args.chunk_size,
     )
 
 
@@ -64,20 +67,25 @@ class Residual(nn.Module):
         return x if self.normalize_before else self.norm(x)
 
 
+def _ffn(dim: int, hidden: int, args) -> Optional[FeedForward]:
+    """The FFN of a layer; none when its hidden dim is 0 (a GAU layer carries its own gating)."""
+    return FeedForward(dim, hidden, args.activation_fn, args.activation_dropout) if hidden > 0 else None
+
+
 class EncoderLayer(nn.Module):
-    """Mixer, then FFN; each in a residual block. Shape: Input/Output S x B x C."""
+    """Mixer, then FFN (if any); each in a residual block. Shape: Input/Output S x B x C."""
 
     def __init__(self, args, layer: int):
         super().__init__()
         dim = args.encoder_embed_dim
         self.mixer = build_mixer(args.encoder_mixer, _mixer_spec(args, "encoder", layer, causal=False))
-        self.ffn = FeedForward(dim, args.encoder_ffn_embed_dim, args.activation_fn, args.activation_dropout)
+        self.ffn = _ffn(dim, args.encoder_ffn_embed_dim, args)
         self.mixer_block = Residual(dim, args.dropout, args.normalize_before)
-        self.ffn_block = Residual(dim, args.dropout, args.normalize_before)
+        self.ffn_block = None if self.ffn is None else Residual(dim, args.dropout, args.normalize_before)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         x = self.mixer_block(x, lambda h: self.mixer(h, padding_mask))
-        return self.ffn_block(x, self.ffn)
+        return x if self.ffn is None else self.ffn_block(x, self.ffn)
 
 
 class DecoderLayer(nn.Module):
@@ -90,10 +98,10 @@ class DecoderLayer(nn.Module):
         self.cross_attention = MultiheadAttention(
             dim, args.decoder_attention_heads, kdim=args.encoder_embed_dim, vdim=args.encoder_embed_dim,
             dropout=args.attention_dropout, encoder_decoder_attention=True)
-        self.ffn = FeedForward(dim, args.decoder_ffn_embed_dim, args.activation_fn, args.activation_dropout)
+        self.ffn = _ffn(dim, args.decoder_ffn_embed_dim, args)
         self.mixer_block = Residual(dim, args.dropout, args.normalize_before)
         self.cross_block = Residual(dim, args.dropout, args.normalize_before)
-        self.ffn_block = Residual(dim, args.dropout, args.normalize_before)
+        self.ffn_block = None if self.ffn is None else Residual(dim, args.dropout, args.normalize_before)
 
     def forward(self, x: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
                 incremental_state: IncrementalState) -> Tensor:
@@ -101,7 +109,7 @@ class DecoderLayer(nn.Module):
         x = self.cross_block(x, lambda h: self.cross_attention(
             h, memory, memory, key_padding_mask=memory_padding_mask, incremental_state=incremental_state,
             static_kv=True, need_weights=False)[0])
-        return self.ffn_block(x, self.ffn)
+        return x if self.ffn is None else self.ffn_block(x, self.ffn)
 
 
 def _embed(tokens: Tensor, positions: Tensor, embed_tokens: nn.Embedding, dropout: float, training: bool) -> Tensor:
@@ -209,6 +217,9 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
                 help="convolution kernel size per layer (one value repeats)")
         add("--mixer-attention-heads", type=int, metavar="N",
             help="heads of the mixer's attention (LSRA branch); default: the side's attention heads")
+        add("--gau-expansion", type=int, metavar="E", help="GAU: width of U and V = E x embed dim")
+        add("--gau-key-dim", type=int, metavar="S", help="GAU: width of the shared Z that Q and K are made from")
+        add("--chunk-size", type=int, metavar="C", help="FLASH: mixed-chunk attention chunk; 0 = quadratic")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-glu", type=utils.eval_bool, metavar="BOOL", help="Linear C->2C + GLU before the convolution")

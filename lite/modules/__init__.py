@@ -14,7 +14,9 @@ from torch import nn
 
 from lite.modules.attention import SelfAttention
 from lite.modules.conv import DynamicConv, LightweightConv
+from lite.modules.fastformer import Fastformer, fastformer_from_spec
 from lite.modules.ffn import FeedForward
+from lite.modules.gau import GAU, gau_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
 
 
@@ -32,6 +34,9 @@ class MixerSpec:
     weight_softmax: bool
     weight_dropout: float
     attention_dropout: float
+    gau_expansion: int = 2  # GAU: U, V width = expansion x embed dim
+    gau_key_dim: int = 128  # GAU: s, the width of the shared Z from which Q and K are made
+    chunk_size: int = 0  # FLASH: mixed-chunk attention with chunks of this size; 0 = quadratic (FLASH-Quad)
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
@@ -63,6 +68,8 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "attention": _attention,
     "lsra": _lsra,
     "conv": _conv,
+    "gau": gau_from_spec,  # FLASH-Quad (chunk_size 0) and FLASH (mixed chunks)
+    "fastformer": fastformer_from_spec,
 }
 
 
@@ -73,4 +80,4 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 
 
 __all__ = ["MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
-           "LightweightConv", "DynamicConv"]
+           "LightweightConv", "DynamicConv", "GAU", "Fastformer"]
