@@ -8,6 +8,6 @@ setup(
                                     "eval", "eval.*"]),
     python_requires=">=3.10",
     # torch and fairseq are installed by the Makefile (CPU wheel; fairseq with --no-deps)
-    install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile"],
+    install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile", "torch-pruning"],
     entry_points={"console_scripts": ["lite = lite.cli:main"]},
 )

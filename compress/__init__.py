@@ -1,0 +1,1 @@
+"""Compression of trained models: structured pruning to a MAC budget (``prune``), quantization."""

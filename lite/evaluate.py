@@ -23,13 +23,36 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
     }
 
 
+def open_translator(backend: str, path: str | Path, data: str | Path | None = None,
+                    options: GenerationOptions = GenerationOptions(), threads: int = 1):
+    """(translator, data dir): ``torch`` reads a checkpoint, ``onnx`` a model dir made by ``lite export``."""
+    if backend == "torch":
+        translator = TorchTranslator(path, data, options)
+        return translator, translator.data_dir
+    if backend == "onnx":
+        from export.runtime import Translator
+        from export.search import SearchOptions
+
+        search = SearchOptions(beam=options.beam, lenpen=options.lenpen, max_len_a=options.max_len_a,
+                               max_len_b=options.max_len_b)
+        translator = Translator(path, search, threads=threads, batch_size=options.batch_size)
+        return translator, Path(data or translator.description["data"])
+    raise ValueError(f"backend {backend!r}: use 'torch' or 'onnx'")
+
+
 def evaluate(checkpoint: str | Path, split: str, data: str | Path | None = None,
-             options: GenerationOptions = GenerationOptions(), out_dir: str | Path | None = None) -> dict:
-    """Translate ``<data>/raw/<split>.<src>``, score against ``<split>.<tgt>``, write hypotheses and scores."""
-    translator = TorchTranslator(checkpoint, data, options)
-    corpus, raw = translator.corpus, translator.data_dir / "raw"
+             options: GenerationOptions = GenerationOptions(), out_dir: str | Path | None = None,
+             backend: str = "torch", threads: int = 1) -> dict:
+    """Translate ``<data>/raw/<split>.<src>``, score against ``<split>.<tgt>``, write hypotheses and scores.
+
+    ``checkpoint`` is a fairseq checkpoint (backend ``torch``) or an exported model dir (backend ``onnx``).
+    """
+    from lite.data import Corpus
+
+    translator, data_dir = open_translator(backend, checkpoint, data, options, threads)
+    corpus, raw = Corpus.load(data_dir), data_dir / "raw"
     if split not in corpus.splits:
-        raise DataError(f"split {split!r} is not in {translator.data_dir}; its splits: {', '.join(corpus.splits)}")
+        raise DataError(f"split {split!r} is not in {data_dir}; its splits: {', '.join(corpus.splits)}")
     sources = (raw / f"{split}.{corpus.src}").read_text(encoding="utf-8").splitlines()
     references = (raw / f"{split}.{corpus.tgt}").read_text(encoding="utf-8").splitlines()
 
@@ -37,15 +60,17 @@ def evaluate(checkpoint: str | Path, split: str, data: str | Path | None = None,
     hypotheses = translator.translate(sources)
     seconds = time.perf_counter() - start
 
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent / "eval"
+    default_dir = Path(checkpoint).resolve() if backend == "onnx" else Path(checkpoint).resolve().parent
+    out_dir = Path(out_dir) if out_dir else default_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     hypotheses_path = out_dir / f"{split}.hyp.{corpus.tgt}"
     write_text(hypotheses_path, hypotheses)
     result = {
         "checkpoint": str(checkpoint), "split": split, "sentences": len(sources),
         **score(hypotheses, references),
-        "beam": options.beam, "lenpen": options.lenpen, "backend": "torch",
-        "seconds": round(seconds, 2), "hypotheses": str(hypotheses_path),
+        "beam": options.beam, "lenpen": options.lenpen, "backend": backend,
+        "seconds": round(seconds, 2), "ms_per_sentence": round(1000 * seconds / max(len(sources), 1), 2),
+        "hypotheses": str(hypotheses_path),
     }
     tmp = out_dir / f".{split}.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")

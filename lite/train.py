@@ -31,16 +31,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config is a mapping of fairseq-train options, got {type(config).__name__}")
+    config = load_overrides(config, overrides)
+    for key in ("arch", "data", "save_dir"):
+        if not config.get(key):
+            raise ConfigError(f"{path}: `{key}` is missing (set it in the file or as {key}=...)")
+    return config
+
+
+def load_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``config`` with ``key=value`` overrides applied (values parsed as YAML), keys in snake_case."""
+    config = dict(config)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. max_update=100)")
         config[key.strip()] = yaml.safe_load(value)
-    config = {k.replace("-", "_"): v for k, v in config.items()}
-    for key in ("arch", "data", "save_dir"):
-        if not config.get(key):
-            raise ConfigError(f"{path}: `{key}` is missing (set it in the file or as {key}=...)")
-    return config
+    return {k.replace("-", "_"): v for k, v in config.items()}
 
 
 def to_argv(config: dict[str, Any]) -> list[str]:
@@ -80,6 +86,10 @@ def parse_fairseq_args(argv: list[str]):
 
 def train(config: dict[str, Any], max_minutes: float | None = None, finetune_from: str | None = None) -> int:
     """Run fairseq-train in a child process; returns its exit code."""
+    if finetune_from:  # a pruned checkpoint's dims (in its args) win over the config's
+        from compress.prune import finetune_overrides
+
+        config = load_overrides(config, finetune_overrides(finetune_from))
     argv = to_argv(config)
     if max_minutes is not None:
         argv += ["--stop-time-hours", f"{max_minutes / 60:.6f}"]  # cumulative across resumes
@@ -90,4 +100,10 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
     parse_fairseq_args(argv)  # fail here, with a clear message, rather than deep inside fairseq
     Path(config["save_dir"]).mkdir(parents=True, exist_ok=True)
     print("fairseq-train " + " ".join(argv), file=sys.stderr, flush=True)
-    return subprocess.call([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy())
+    child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy())
+    try:
+        return child.wait()
+    finally:  # interrupted or terminated: stop fairseq-train too (it resumes from its last checkpoint)
+        if child.poll() is None:
+            child.terminate()
+            child.wait()

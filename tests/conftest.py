@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,11 @@ from lite.models import LiteTransformerModel
 TINY = dict(encoder_embed_dim=16, decoder_embed_dim=16, encoder_ffn_embed_dim=32, decoder_ffn_embed_dim=32,
             encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
             mixer_attention_heads=2, conv_heads=2, gau_key_dim=8)
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "models" / "lsra" / "tiny.yaml"
+TINY_UPDATES = 600
+BLEU_FLOOR = 30.0  # an untrained model scores ~0; the tiny LSRA reaches well above this
+LITE = [sys.executable, "-m", "lite.cli"]
 LITE_ARCHS = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is LiteTransformerModel)
 
 
@@ -48,3 +57,42 @@ def tiny_model(arch: str, dictionary: Dictionary | None = None, **overrides) -> 
     args = argparse.Namespace(**{**TINY, **no_ffn, **overrides})
     ARCH_CONFIG_REGISTRY[arch](args)
     return LiteTransformerModel.build_model(args, TinyTask(dictionary or tiny_dictionary())).eval()
+
+
+def run(cmd, **kwargs):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    from lite.corpus import write_default_corpus
+    from lite.data import prepare
+
+    root = tmp_path_factory.mktemp("pipeline")
+    write_default_corpus(root / "text")
+    prepare(root / "text", root / "data", vocab_size=1000)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(workdir):
+    """A tiny LSRA trained for a few minutes; returns its checkpoint."""
+    from lite.train import load_config, train
+
+    config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={workdir / 'ck'}",
+                                       f"max_update={TINY_UPDATES}"])
+    assert train(config) == 0
+    return workdir / "ck" / "checkpoint_best.pt"
+
+
+def fairseq_generate(workdir: Path, checkpoint: Path, split: str = "test", beam: int = 4) -> dict:
+    """fairseq-generate's detokenized hypotheses {sentence index: text} on a split of the tiny corpus."""
+    from lite.train import USER_DIR
+
+    out = run([str(Path(sys.executable).parent / "fairseq-generate"), str(workdir / "data"), "--user-dir", USER_DIR,
+               "--path", str(checkpoint), "--gen-subset", split, "--beam", str(beam), "--lenpen", "1",
+               "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", "64", "--post-process", "sentencepiece",
+               # fairseq 0.12's batch_by_size drops the remainder that is not a multiple of this (default 8)
+               "--required-batch-size-multiple", "1"], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {int(m[1]): m[2] for m in re.finditer(r"^D-(\d+)\t\S+\t(.*)$", out.stdout, re.M)}

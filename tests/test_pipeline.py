@@ -9,38 +9,11 @@ import pytest
 import torch
 
 from lite.checkpoint import CheckpointError
-from lite.corpus import write_default_corpus
 from lite.data import prepare
 from lite.evaluate import evaluate
-from lite.train import USER_DIR, load_config, train
+from lite.train import load_config, train
 from lite.translate import GenerationOptions, TorchTranslator, load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "models" / "lsra" / "tiny.yaml"
-TINY_UPDATES = 600
-BLEU_FLOOR = 30.0  # an untrained model scores ~0; the tiny LSRA reaches well above this
-LITE = [sys.executable, "-m", "lite.cli"]
-
-
-def run(cmd, **kwargs):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    write_default_corpus(root / "text")
-    prepare(root / "text", root / "data", vocab_size=1000)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(workdir):
-    """A tiny LSRA trained for a few minutes; returns its checkpoint."""
-    config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={workdir / 'ck'}",
-                                       f"max_update={TINY_UPDATES}"])
-    assert train(config) == 0
-    return workdir / "ck" / "checkpoint_best.pt"
+from tests.conftest import BLEU_FLOOR, LITE, TINY_CONFIG, TINY_UPDATES, fairseq_generate, run
 
 
 def test_trained_model_clears_the_bleu_floor_an_untrained_one_cannot(workdir, trained):
@@ -74,14 +47,7 @@ def test_training_resumes_from_the_last_checkpoint(workdir, trained):
 
 
 def test_fairseq_generate_with_user_dir_matches_lite_translate(workdir, trained):
-    out = run([str(Path(sys.executable).parent / "fairseq-generate"), str(workdir / "data"), "--user-dir", USER_DIR, "--path", str(trained),
-               "--gen-subset", "test", "--beam", "4", "--lenpen", "1", "--max-len-a", "1.2", "--max-len-b", "10",
-               "--batch-size", "64", "--post-process", "sentencepiece",
-               # fairseq 0.12's batch_by_size drops the remainder that is not a multiple of this (default 8)
-               "--required-batch-size-multiple", "1"],
-              cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    fairseq = {int(m[1]): m[2] for m in re.finditer(r"^D-(\d+)\t\S+\t(.*)$", out.stdout, re.M)}
+    fairseq = fairseq_generate(workdir, trained)
     sources = (workdir / "data" / "raw" / "test.de").read_text(encoding="utf-8").splitlines()
     ours = TorchTranslator(trained, options=GenerationOptions(beam=4)).translate(sources)
     assert len(fairseq) == len(sources)

@@ -103,7 +103,7 @@ class DecoderLayer(nn.Module):
         self.cross_block = Residual(dim, args.dropout, args.normalize_before)
         self.ffn_block = None if self.ffn is None else Residual(dim, args.dropout, args.normalize_before)
 
-    def forward(self, x: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor],
+    def forward(self, x: Tensor, memory: Optional[Tensor], memory_padding_mask: Optional[Tensor],
                 incremental_state: IncrementalState) -> Tensor:
         x = self.mixer_block(x, lambda h: self.mixer(h, None, incremental_state))
         x = self.cross_block(x, lambda h: self.cross_attention(
@@ -184,13 +184,29 @@ class LiteDecoder(FairseqIncrementalDecoder):
         positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)  # [B, T|1, C]
         tokens = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
         x = _embed(tokens, positions, self.embed_tokens, self.dropout, self.training)  # [T, B, C]
-        memory = encoder_out["encoder_out"][0]  # [S, B, C]
-        memory_padding_mask = encoder_out["encoder_padding_mask"][0]  # [B, S]
+        x = self._layers(x, encoder_out["encoder_out"][0], encoder_out["encoder_padding_mask"][0], incremental_state)
+        return x, {"attn": [None]}
+
+    def decode_step(self, tokens: Tensor, step: Tensor, incremental_state: Dict[str, Dict[str, Optional[Tensor]]]
+                    ) -> Tensor:
+        """One step at an explicit position, every state (cross attention's keys/values included) already in
+        ``incremental_state``: the form the ONNX decoder-step graph is traced from.
+
+        Shape: tokens [B] (the previous output token), step [] (0-based) -> features [B, 1, C].
+        """
+        table = self.embed_positions.weights  # [max positions + pad + 1, C]; position t is row pad + 1 + t
+        positions = table.index_select(0, (self.embed_positions.padding_idx + 1 + step).view(1))  # [1, C]
+        x = _embed(tokens.unsqueeze(1), positions.unsqueeze(0), self.embed_tokens, self.dropout, self.training)
+        return self._layers(x, None, None, incremental_state)
+
+    def _layers(self, x: Tensor, memory: Optional[Tensor], memory_padding_mask: Optional[Tensor],
+                incremental_state: IncrementalState) -> Tensor:
+        """Embedded target T x B x C -> features B x T x C (memory S x B x C, its padding mask B x S)."""
         for layer in self.layers:
             x = layer(x, memory, memory_padding_mask, incremental_state)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return x.transpose(0, 1), {"attn": [None]}  # [B, T, C]
+        return x.transpose(0, 1)
 
     def output_layer(self, features: Tensor) -> Tensor:
         return self.output_projection(features)

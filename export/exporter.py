@@ -1,0 +1,196 @@
+"""``lite export CHECKPOINT --out DIR [--slim] [--ort]``: a self-contained model dir for ONNX Runtime.
+
+    DIR/encoder.onnx, DIR/decoder_step.onnx   the graphs (export/graphs.py), opset 17, dynamic batch and lengths
+    DIR/*.ort                                 with --ort: the same graphs in ORT format (ONNX Runtime Mobile)
+    DIR/spm.model, DIR/vocab.txt              sentencepiece model; the dictionary, one symbol per line by index
+    DIR/model.json                            what the runtime needs: special ids, limits, the decoder states,
+                                              the validation report and the sha256 of every file
+
+The TorchScript exporter (``dynamo=False``) traces the modules as written: our convolutions build their
+windows with pad + slices, so nothing needs patching. Every graph is checked with ``onnx.checker`` and then
+validated against PyTorch (export/validate.py) before the dir is moved into place.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from export.graphs import DecoderStep, Encoder, StateSpec, initial_states, memory_names, state_specs
+from export.validate import ExportMismatch, onnx_runner, sources, validate
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+FORMAT = 1  # model.json format version
+GRAPHS = ("encoder", "decoder_step")
+
+
+class ExportError(ValueError):
+    """A model or model dir that cannot be exported or loaded; the message names the file and the problem."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _io_names(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, List[str]]]:
+    memory = memory_names(decoder)
+    return {
+        "encoder": {"inputs": ["src_tokens"], "outputs": ["encoder_padding_mask", *memory]},
+        "decoder_step": {"inputs": ["tokens", "step", "order", "encoder_padding_mask", *memory,
+                                    *(s.name for s in specs)],
+                         "outputs": ["log_probs", *(s.name + ".next" for s in specs)]},
+    }
+
+
+def _dynamic_axes(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, Dict[int, str]]]:
+    memory = {name: {0: "batch", 2: "src_len"} for name in memory_names(decoder)}
+    states, next_states = {}, {}
+    for s in specs:
+        states[s.name] = {s.batch_axis: "batch"}
+        next_states[s.name + ".next"] = {s.batch_axis: "batch"}
+        if s.time_axis is not None:
+            states[s.name][s.time_axis] = "steps"
+            next_states[s.name + ".next"][s.time_axis] = "steps_next"
+    return {
+        "encoder": {"src_tokens": {0: "batch", 1: "src_len"}, "encoder_padding_mask": {0: "batch", 1: "src_len"},
+                    **memory},
+        "decoder_step": {"tokens": {0: "batch"}, "order": {0: "batch"},
+                         "encoder_padding_mask": {0: "batch", 1: "src_len"}, **memory, **states,
+                         "log_probs": {0: "batch"}, **next_states},
+    }
+
+
+@torch.no_grad()
+def _trace_examples(model, specs: List[StateSpec]):
+    """Inputs to trace with: batch 2, source length 5 (one row padded), states after 3 steps."""
+    generator = torch.Generator().manual_seed(0)
+    src = sources(model.decoder.dictionary, 2, 5, generator)
+    encoded = Encoder(model)(src)
+    mask, memory = encoded[0], list(encoded[1:])
+    step = DecoderStep(model.decoder, specs)
+    states = initial_states(model.decoder, specs, 2)
+    tokens = torch.full((2,), model.decoder.dictionary.eos())
+    for t in range(3):
+        states = list(step(tokens, torch.tensor(t), torch.arange(2), mask, *memory, *states)[1:])
+    return (src,), (tokens, torch.tensor(3), torch.tensor([1, 0]), mask, *memory, *states)
+
+
+def export_graphs(model, out: Path) -> Dict:
+    """Trace, write and check both graphs into ``out``; returns the runtime description (no hashes yet)."""
+    model.eval()
+    specs = state_specs(model.decoder)
+    model.prepare_for_onnx_export_()
+    names, axes = _io_names(model.decoder, specs), _dynamic_axes(model.decoder, specs)
+    encoder_args, step_args = _trace_examples(model, specs)
+    modules = {"encoder": Encoder(model), "decoder_step": DecoderStep(model.decoder, specs)}
+    examples = {"encoder": encoder_args, "decoder_step": step_args}
+    for graph in GRAPHS:
+        path = out / f"{graph}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic, expected
+            torch.onnx.export(modules[graph], examples[graph], str(path), input_names=names[graph]["inputs"],
+                              output_names=names[graph]["outputs"], dynamic_axes=axes[graph], opset_version=OPSET,
+                              dynamo=False)
+        check_graph(path)
+    return {"states": [s.to_json() for s in specs], "io": names}
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker with shape inference; an ``ExportError`` naming the file when it fails."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{path.name}: fails onnx.checker: {e}") from None
+
+
+def _slim(out: Path) -> None:
+    import onnxslim
+
+    for graph in GRAPHS:
+        path = out / f"{graph}.onnx"
+        onnxslim.slim(str(path), str(path))
+
+
+def _to_ort(out: Path) -> List[Path]:
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for graph in GRAPHS:
+            shutil.copy(out / f"{graph}.onnx", tmp)
+        convert_onnx_models_to_ort(Path(tmp), output_dir=out / "ort", optimization_styles=[OptimizationStyle.Fixed])
+    return sorted((out / "ort").glob("*.ort"))
+
+
+def export(checkpoint: str | Path, out: str | Path, data: str | Path | None = None, slim: bool = False,
+           ort: bool = False, force: bool = False) -> Path:
+    """Export, validate and write the model dir atomically (a temp dir beside ``out``, renamed at the end)."""
+    from lite.data import SPM_MODEL
+    from lite.translate import load_checkpoint
+
+    out = Path(out)
+    if out.exists() and not (out / "model.json").is_file() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not a model dir; choose another --out")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already holds a model; pass --force to replace it")
+    model, task = load_checkpoint(checkpoint, data)
+    reference = copy.deepcopy(model)  # tracing switches ``model`` into ONNX-export mode
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        description = export_graphs(model, staging)
+        if slim:
+            _slim(staging)
+            for graph in GRAPHS:
+                check_graph(staging / f"{graph}.onnx")
+        model = reference
+        io = description["io"]
+        specs = [StateSpec(**{**s, "shape": tuple(s["shape"])}) for s in description["states"]]
+        outputs = {g: io[g]["outputs"] for g in GRAPHS}
+        reports = {"onnx": validate(model, specs, onnx_runner(staging / "encoder.onnx"),
+                                    onnx_runner(staging / "decoder_step.onnx"), outputs).to_json()}
+        if ort:
+            converted = _to_ort(staging)
+            by_graph = {g: next(p for p in converted if p.name.startswith(g + ".")) for g in GRAPHS}
+            reports["ort"] = validate(model, specs, onnx_runner(by_graph["encoder"]),
+                                      onnx_runner(by_graph["decoder_step"]), outputs).to_json()
+        dictionary = task.target_dictionary
+        data_dir = Path(task.cfg.data)
+        shutil.copy(data_dir / SPM_MODEL, staging / "spm.model")
+        (staging / "vocab.txt").write_text("".join(s + "\n" for s in dictionary.symbols), encoding="utf-8")
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        description = {
+            "format": FORMAT, "opset": OPSET, "arch": model.args.arch, "checkpoint": str(Path(checkpoint).resolve()),
+            "data": str(data_dir.resolve()), "src": task.cfg.source_lang, "tgt": task.cfg.target_lang,
+            "bos": dictionary.bos(), "pad": dictionary.pad(), "eos": dictionary.eos(), "unk": dictionary.unk(),
+            "vocab_size": len(dictionary), "max_source_positions": model.encoder.max_positions(),
+            "max_target_positions": model.decoder.max_positions(), **description, "slim": slim, "validation": reports,
+            "files": {str(p.relative_to(staging)): sha256(p) for p in files},
+        }
+        (staging / "model.json").write_text(json.dumps(description, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"exported {checkpoint} to {out} (max |onnx - torch| = {reports['onnx']['max_abs_diff']:.2e})")
+    return out
+
+
+__all__ = ["export", "export_graphs", "check_graph", "ExportError", "ExportMismatch", "sha256"]

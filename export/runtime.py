@@ -1,0 +1,207 @@
+"""A translator on ONNX Runtime alone: sentencepiece -> encoder graph -> beam search over the decoder-step graph.
+
+No torch here (a test imports this module where importing torch fails). One decoder-step call per step
+serves every sentence and hypothesis of a batch; the decoder states stay ONNX Runtime values bound to the
+session (I/O binding): a step's state outputs are the next step's inputs, with the beam reordering done
+inside the graph, so no state is copied between steps.
+
+    translator = Translator("runs/export/lsra")          # verifies every file against model.json
+    translator.translate(["Ein Hund läuft."])             # -> ["A dog is running."]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Sequence
+
+import numpy as np
+
+from export.search import SearchOptions, search
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+GRAPHS = ("encoder", "decoder_step")
+
+
+class ModelDirError(ValueError):
+    """A model dir that cannot be used: a missing, altered or mismatched file; the message names it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_description(model_dir: Path) -> dict:
+    """model.json, after checking every file it lists against its sha256."""
+    path = model_dir / "model.json"
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: no model.json; make a model dir with `lite export CHECKPOINT --out DIR`")
+    try:
+        description = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    if description.get("format") != FORMAT:
+        raise ModelDirError(f"{path}: format {description.get('format')!r}, this runtime reads format {FORMAT}")
+    for name, digest in description["files"].items():
+        file = model_dir / name
+        if not file.is_file():
+            raise ModelDirError(f"{model_dir}: {name} is missing")
+        if _sha256(file) != digest:
+            raise ModelDirError(f"{model_dir}: {name} does not match its sha256 in model.json (altered or corrupt)")
+    return description
+
+
+@dataclass(frozen=True)
+class _State:
+    name: str
+    shape: tuple
+    batch_axis: int
+    dtype: str
+    fill: float
+
+    def initial(self, rows: int) -> np.ndarray:
+        shape = list(self.shape)
+        shape[self.batch_axis] = rows
+        return np.full(shape, self.fill, dtype=self.dtype)
+
+
+class OnnxStepModel:
+    """The two graphs behind export/search.py's ``StepModel`` protocol."""
+
+    def __init__(self, encoder, decoder_step, description: dict):
+        import onnxruntime as ort
+
+        self.ort, self.encoder, self.decoder_step = ort, encoder, decoder_step
+        self.memory_names = description["io"]["encoder"]["outputs"][1:]
+        self.states = [_State(s["name"], tuple(s["shape"]), s["batch_axis"], s["dtype"], s["fill"])
+                       for s in description["states"]]
+        self.outputs = description["io"]["decoder_step"]["outputs"]
+
+    def start(self, src_tokens: np.ndarray, beam: int) -> None:
+        """src_tokens int64 [B, S] -> memory repeated per hypothesis [B * beam, ...] and fresh states."""
+        mask, *memory = self.encoder.run(None, {"src_tokens": src_tokens})
+        rows = src_tokens.shape[0] * beam
+        value = self.ort.OrtValue.ortvalue_from_numpy
+        self.memory = {"encoder_padding_mask": value(np.repeat(mask, beam, axis=0)),
+                       **{n: value(np.repeat(m, beam, axis=0)) for n, m in zip(self.memory_names, memory)}}
+        self.values = [value(s.initial(rows)) for s in self.states]
+        self.step_index = 0
+
+    def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """tokens, order int64 [N] -> log-probs float32 [N, V]; the states advance in place of the old ones."""
+        binding = self.decoder_step.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_cpu_input("step", np.array(self.step_index, dtype=np.int64))
+        binding.bind_cpu_input("order", np.ascontiguousarray(order, dtype=np.int64))
+        for name, v in self.memory.items():
+            binding.bind_ortvalue_input(name, v)
+        for state, v in zip(self.states, self.values):
+            binding.bind_ortvalue_input(state.name, v)
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
+        self.decoder_step.run_with_iobinding(binding)
+        log_probs, *self.values = binding.get_outputs()
+        self.step_index += 1
+        return log_probs.numpy()
+
+
+class Translator:
+    """Raw sentences in, detokenized translations out, on ONNX Runtime; batched, thread count settable.
+
+    ``format="ort"`` runs the ORT-format graphs (``lite export --ort``), as ONNX Runtime Mobile would.
+    Sentences longer than the model's source positions are truncated, with a warning (as the torch backend).
+    """
+
+    def __init__(self, model_dir: str | Path, options: SearchOptions = SearchOptions(), threads: int = 1,
+                 batch_size: int = 64, format: str = "onnx"):
+        import onnxruntime as ort
+        import sentencepiece as spm
+
+        self.model_dir = Path(model_dir)
+        self.description = d = load_description(self.model_dir)
+        self.options, self.batch_size = options, batch_size
+        self.symbols = (self.model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        if len(self.symbols) != d["vocab_size"]:
+            raise ModelDirError(f"{self.model_dir}: vocab.txt has {len(self.symbols)} entries, the graphs "
+                                f"{d['vocab_size']}")
+        self.index = {s: i for i, s in enumerate(self.symbols)}
+        self.spm = spm.SentencePieceProcessor(model_file=str(self.model_dir / "spm.model"))
+        specials = {d[k] for k in ("bos", "pad", "eos", "unk")}
+        foreign = [s for i, s in enumerate(self.symbols) if i not in specials and self.spm.piece_to_id(s) == self.spm.unk_id()
+                   and not s.startswith("madeupword")]
+        if foreign:
+            raise ModelDirError(f"{self.model_dir}: spm.model does not know {len(foreign)} dictionary entries "
+                                f"(e.g. {foreign[:3]}): the sentencepiece model and dictionary do not match")
+        options_ = ort.SessionOptions()
+        options_.intra_op_num_threads = threads
+        options_.inter_op_num_threads = 1
+        options_.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options_.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sessions = {g: ort.InferenceSession(str(self._graph(g, format)), options_, providers=["CPUExecutionProvider"])
+                    for g in GRAPHS}
+        vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]
+        if isinstance(vocab, int) and vocab != d["vocab_size"]:
+            raise ModelDirError(f"{self.model_dir}: decoder_step gives {vocab} log-probs, model.json says "
+                                f"{d['vocab_size']}")
+        self.model = OnnxStepModel(sessions["encoder"], sessions["decoder_step"], d)
+        self.max_source_tokens = d["max_source_positions"] - 1  # <eos> is appended
+        self.seconds = 0.0  # time spent in translate(), for --timing
+        self.sentences = 0
+
+    def _graph(self, graph: str, format: str) -> Path:
+        if format == "onnx":
+            return self.model_dir / f"{graph}.onnx"
+        if format == "ort":
+            found = sorted((self.model_dir / "ort").glob(f"{graph}.*ort"))
+            if not found:
+                raise ModelDirError(f"{self.model_dir}: no ORT-format {graph} graph; export with --ort")
+            return found[0]
+        raise ValueError(f"format {format!r}: use 'onnx' or 'ort'")
+
+    def encode(self, line: str) -> np.ndarray:
+        """Raw sentence -> token ids int64 [n] ending in eos (unknown pieces -> unk)."""
+        pieces = self.spm.encode(line.strip(), out_type=str)
+        if len(pieces) > self.max_source_tokens:
+            logger.warning(f"sentence of {len(pieces)} pieces truncated to the model's {self.max_source_tokens}")
+            pieces = pieces[:self.max_source_tokens]
+        unk, eos = self.description["unk"], self.description["eos"]
+        return np.array([self.index.get(p, unk) for p in pieces] + [eos], dtype=np.int64)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Token ids -> text, eos and bos dropped (as fairseq's Dictionary.string)."""
+        skip = {self.description["eos"], self.description["bos"]}
+        return self.spm.decode([self.symbols[t] for t in tokens if t not in skip])
+
+    def _batch(self, rows: List[np.ndarray]) -> np.ndarray:
+        """Left-padded int64 [B, S], as fairseq collates sources."""
+        width = max(len(r) for r in rows)
+        batch = np.full((len(rows), width), self.description["pad"], dtype=np.int64)
+        for i, r in enumerate(rows):
+            batch[i, width - len(r):] = r
+        return batch
+
+    def translate(self, lines: Iterable[str]) -> List[str]:
+        """One output line per input line; empty input lines give empty output lines."""
+        lines = list(lines)
+        outputs = [""] * len(lines)
+        todo = sorted(((i, self.encode(line)) for i, line in enumerate(lines) if line.strip()), key=lambda x: len(x[1]))
+        d = self.description
+        start = time.perf_counter()
+        for first in range(0, len(todo), self.batch_size):
+            chunk = todo[first:first + self.batch_size]
+            hypos = search(self.model, self._batch([t for _, t in chunk]), eos=d["eos"], pad=d["pad"], unk=d["unk"],
+                           bos=d["bos"], options=self.options, max_len_cap=d["max_target_positions"] - 1)
+            for (i, _), nbest in zip(chunk, hypos):
+                outputs[i] = self.decode(nbest[0].tokens.tolist())
+        self.seconds += time.perf_counter() - start
+        self.sentences += len(todo)
+        return outputs

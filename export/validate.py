@@ -1,0 +1,114 @@
+"""Export validates itself: output names, then shapes, then values of the ONNX graphs against PyTorch.
+
+The grid: batch {1, 3} x source length {1, 7, 33} (a batch of 3 holds left-padded shorter sentences) x 10
+decoding steps with random tokens and a random beam reordering at every step. Tolerance 1e-4 (fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.graphs import DecoderStep, Encoder, StateSpec, initial_states, memory_names
+
+BATCHES, SOURCE_LENGTHS, STEPS, ATOL = (1, 3), (1, 7, 33), 10, 1e-4
+Run = Callable[[Dict[str, np.ndarray]], List[np.ndarray]]  # one graph: feeds -> outputs in graph order
+
+
+class ExportMismatch(RuntimeError):
+    """An exported graph that does not reproduce the PyTorch model; the message says what, where and by how much."""
+
+
+@dataclass(frozen=True)
+class Report:
+    cases: int  # (batch, source length) pairs checked
+    steps: int
+    max_abs_diff: float
+
+    def to_json(self) -> dict:
+        return {"cases": self.cases, "steps": self.steps, "max_abs_diff": self.max_abs_diff, "atol": ATOL}
+
+
+def _compare(graph: str, names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequence[np.ndarray],
+             where: str) -> float:
+    """Names, then shapes, then values; returns the largest absolute difference."""
+    if len(actual) != len(expected):
+        raise ExportMismatch(f"{graph}: {len(actual)} outputs, PyTorch gives {len(expected)} ({where})")
+    worst = 0.0
+    for name, e, a in zip(names, expected, actual):
+        e = e.detach().cpu().numpy()
+        if a.shape != e.shape:
+            raise ExportMismatch(f"{graph}: output {name!r} has shape {a.shape}, PyTorch {e.shape} ({where})")
+        if e.dtype == np.bool_:
+            if not np.array_equal(a, e):
+                raise ExportMismatch(f"{graph}: output {name!r} differs from PyTorch ({where})")
+            continue
+        if e.size == 0:
+            continue
+        diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
+        index = np.unravel_index(int(diff.argmax()), diff.shape)
+        if not np.isfinite(diff[index]) or diff[index] > ATOL:
+            raise ExportMismatch(f"{graph}: output {name!r} differs from PyTorch by {diff[index]:.3g} > {ATOL} at "
+                                 f"index {tuple(int(i) for i in index)} (onnx {a[index]!r}, torch {e[index]!r}; {where})")
+        worst = max(worst, float(diff[index]))
+    return worst
+
+
+def sources(dictionary, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Random source tokens [B, S] ending in eos; rows after the first are shorter and left-padded."""
+    tokens = torch.full((batch, length), dictionary.pad())
+    for row in range(batch):
+        n = max(1, length - 2 * row)
+        tokens[row, length - n:] = torch.randint(dictionary.nspecial, len(dictionary), (n,), generator=generator)
+        tokens[row, -1] = dictionary.eos()
+    return tokens
+
+
+@torch.no_grad()
+def validate(model: nn.Module, specs: List[StateSpec], encoder: Run, decoder_step: Run, output_names: Dict[str, List[str]],
+             seed: int = 0) -> Report:
+    """Run the graphs (``encoder``/``decoder_step`` take feeds, return outputs) beside the PyTorch model."""
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = model.decoder.dictionary
+    torch_encoder, torch_step = Encoder(model), DecoderStep(model.decoder, specs)
+    names = memory_names(model.decoder)
+    worst, cases = 0.0, 0
+    for batch in BATCHES:
+        for length in SOURCE_LENGTHS:
+            where = f"batch {batch}, source length {length}"
+            src = sources(dictionary, batch, length, generator)
+            expected = torch_encoder(src)
+            actual = encoder({"src_tokens": src.numpy()})
+            worst = max(worst, _compare("encoder", output_names["encoder"], expected, actual, where))
+            mask, memory = actual[0], actual[1:]
+            t_mask, t_memory = expected[0], list(expected[1:])
+            t_states = initial_states(model.decoder, specs, batch)
+            states = [t.numpy() for t in t_states]
+            for step in range(STEPS):
+                tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch,), generator=generator)
+                order = torch.randint(0, batch, (batch,), generator=generator) if step else torch.arange(batch)
+                feeds = {"tokens": tokens.numpy(), "step": np.array(step, dtype=np.int64), "order": order.numpy(),
+                         "encoder_padding_mask": mask, **dict(zip(names, memory)),
+                         **{s.name: a for s, a in zip(specs, states)}}
+                t_out = torch_step(tokens, torch.tensor(step), order, t_mask, *t_memory, *t_states)
+                out = decoder_step(feeds)
+                worst = max(worst, _compare("decoder_step", output_names["decoder_step"], t_out, out,
+                                            f"{where}, step {step}"))
+                t_states, states = list(t_out[1:]), out[1:]
+            cases += 1
+    return Report(cases, STEPS, worst)
+
+
+def onnx_runner(path: Path, threads: int = 1) -> Run:
+    """A plain onnxruntime session as a ``Run``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda feeds: session.run(None, {k: v for k, v in feeds.items() if k in names})

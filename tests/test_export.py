@@ -1,0 +1,215 @@
+"""ONNX export: every family's graphs equal PyTorch; the runtime translator (no torch) equals fairseq-generate;
+bad graphs and model dirs are refused with a clear error."""
+import copy
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.exporter import ExportError, check_graph, export, export_graphs
+from export.graphs import StateSpec
+from export.runtime import ModelDirError, Translator
+from export.search import SearchOptions
+from export.validate import ExportMismatch, onnx_runner, validate
+from lite.evaluate import evaluate
+from lite.modules import MIXERS
+from lite.translate import GenerationOptions, TorchTranslator
+from tests.conftest import LITE, LITE_ARCHS, ROOT, fairseq_generate, run, tiny_dictionary, tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
+
+# one architecture per family: (mixer, convolution, chunked)
+EXPORTED = ["transformer_d128", "lsra_iwslt_160", "lsra_wmt_200", "flash_quad_100m", "flash_100m", "fastformer_100m"]
+
+
+def family(arch: str) -> tuple:
+    args = tiny_model(arch).args
+    mixer = args.encoder_mixer
+    return mixer, args.conv_type if mixer in ("lsra", "conv") else None, bool(args.chunk_size) if mixer == "gau" else None
+
+
+def test_every_registered_family_has_an_export_test():
+    covered = {family(a) for a in EXPORTED}
+    missing = sorted({a for a in LITE_ARCHS if family(a) not in covered})
+    assert not missing, f"architectures whose family no export test covers: {missing}"
+    assert {f[0] for f in covered} >= set(MIXERS) - {"conv"}  # "conv" alone has no registered architecture
+
+
+def _export_tiny(arch, tmp_path):
+    model = tiny_model(arch, tiny_dictionary())
+    reference = copy.deepcopy(model)  # export switches the traced copy into ONNX mode
+    description = export_graphs(model, tmp_path)
+    specs = [StateSpec(**{**s, "shape": tuple(s["shape"])}) for s in description["states"]]
+    outputs = {g: description["io"][g]["outputs"] for g in description["io"]}
+    return reference, specs, outputs
+
+
+@pytest.mark.parametrize("arch", EXPORTED)
+def test_graphs_match_pytorch(arch, tmp_path):
+    """batch {1, 3} x source length {1, 7, 33} x 10 steps with beam reordering, within 1e-4."""
+    reference, specs, outputs = _export_tiny(arch, tmp_path)
+    report = validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"),
+                      onnx_runner(tmp_path / "decoder_step.onnx"), outputs)
+    assert report.cases == 6 and report.steps == 10 and report.max_abs_diff < 1e-4
+
+
+def test_validation_reports_a_wrong_graph(tmp_path):
+    reference, specs, outputs = _export_tiny("transformer_d128", tmp_path)
+    with torch.no_grad():
+        reference.decoder.layers[1].ffn_block.norm.bias.add_(0.01)  # the graph no longer matches the model
+    with pytest.raises(ExportMismatch, match=r"decoder_step: output 'log_probs' differs from PyTorch by .* at index"):
+        validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"), onnx_runner(tmp_path / "decoder_step.onnx"),
+                 outputs)
+
+
+def test_a_graph_failing_the_checker_is_refused(tmp_path):
+    import onnx
+
+    _export_tiny("transformer_d128", tmp_path)
+    graph = onnx.load(str(tmp_path / "encoder.onnx"))
+    graph.graph.node[0].input[0] = "no_such_tensor"
+    onnx.save(graph, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ExportError, match="broken.onnx: fails onnx.checker"):
+        check_graph(tmp_path / "broken.onnx")
+
+
+@pytest.mark.parametrize("arch", ["lsra_iwslt_160", "flash_100m"])
+def test_slimmed_and_ort_format_graphs_match_pytorch(arch, tmp_path):
+    from export.exporter import _slim, _to_ort
+
+    reference, specs, outputs = _export_tiny(arch, tmp_path)
+    _slim(tmp_path)
+    for directory, suffix in ((tmp_path, ".onnx"), (None, ".ort")):
+        if directory is None:
+            converted = _to_ort(tmp_path)
+            paths = {g: next(p for p in converted if p.name.startswith(g + ".")) for g in outputs}
+        else:
+            paths = {g: directory / f"{g}{suffix}" for g in outputs}
+        report = validate(reference, specs, onnx_runner(paths["encoder"]), onnx_runner(paths["decoder_step"]), outputs)
+        assert report.max_abs_diff < 1e-4
+
+
+# ---------------------------------------------------------------------------------------- a trained model
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """(checkpoint, model dir): a copy of the tiny trained LSRA (other tests keep training the original)."""
+    root = tmp_path_factory.mktemp("export")
+    checkpoint = root / "model.pt"
+    shutil.copy(trained, checkpoint)
+    return checkpoint, export(checkpoint, root / "onnx", slim=True, ort=True)
+
+
+def test_model_dir_is_self_contained_and_described(exported):
+    _, model_dir = exported
+    description = json.loads((model_dir / "model.json").read_text())
+    assert set(description["files"]) >= {"encoder.onnx", "decoder_step.onnx", "spm.model", "vocab.txt"}
+    assert any(name.startswith("ort/") for name in description["files"])
+    assert description["validation"]["onnx"]["max_abs_diff"] < 1e-4
+    assert description["validation"]["ort"]["max_abs_diff"] < 1e-4
+
+
+def test_onnx_translator_matches_fairseq_generate(workdir, exported):
+    checkpoint, model_dir = exported
+    sources = (workdir / "data" / "raw" / "test.de").read_text(encoding="utf-8").splitlines()
+    fairseq = fairseq_generate(workdir, checkpoint)
+    ours = Translator(model_dir, SearchOptions(beam=4)).translate(sources)
+    same = sum(fairseq[i] == ours[i] for i in range(len(sources)))
+    assert len(fairseq) == len(sources) and same / len(sources) >= 0.99, same
+    onnx_bleu = evaluate(model_dir, "test", backend="onnx", out_dir=model_dir.parent / "eval_onnx")["bleu"]
+    torch_bleu = evaluate(checkpoint, "test", out_dir=model_dir.parent / "eval_torch")["bleu"]
+    assert abs(onnx_bleu - torch_bleu) <= 0.1
+
+
+def test_ort_format_and_greedy_match_torch(workdir, exported):
+    checkpoint, model_dir = exported
+    sources = (workdir / "data" / "raw" / "test.de").read_text(encoding="utf-8").splitlines()[:40]
+    greedy = TorchTranslator(checkpoint, options=GenerationOptions(beam=1)).translate(sources)
+    assert Translator(model_dir, SearchOptions(beam=1), format="ort").translate(sources) == greedy
+
+
+def test_runtime_imports_no_torch(exported):
+    _, model_dir = exported
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from export.runtime import Translator\n"
+            f"print(Translator({str(model_dir)!r}).translate(['Ein Hund läuft.', '', 'Zwei Katzen.']))")
+    out = run([sys.executable, "-c", code], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch" not in out.stderr and out.stdout.count("'") == 6
+
+
+def test_translate_cli_onnx_backend_with_timing(exported):
+    _, model_dir = exported
+    out = run([*LITE, "translate", "--backend", "onnx", "--model", str(model_dir), "--timing"],
+              input="Ein Hund läuft.\n\nZwei Katzen.\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.split("\n")) == 4 and out.stdout.split("\n")[1] == ""
+    assert "ms/sentence" in out.stderr
+
+
+def test_long_sentences_are_truncated_with_a_warning(exported, caplog):
+    _, model_dir = exported
+    translator = Translator(model_dir, SearchOptions(beam=1))
+    long = " ".join(["Hund"] * 2000)
+    assert len(translator.translate([long])) == 1
+    assert "truncated" in caplog.text
+
+
+def _copy(model_dir, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def test_missing_or_altered_files_are_refused(exported, tmp_path):
+    _, model_dir = exported
+    missing = _copy(model_dir, tmp_path / "a")
+    (missing / "decoder_step.onnx").unlink()
+    with pytest.raises(ModelDirError, match="decoder_step.onnx is missing"):
+        Translator(missing)
+    altered = _copy(model_dir, tmp_path / "b")
+    with open(altered / "encoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelDirError, match="encoder.onnx does not match its sha256"):
+        Translator(altered)
+    cli = run([*LITE, "translate", "--backend", "onnx", "--model", str(altered)], input="Hund\n")
+    assert cli.returncode == 2 and "does not match its sha256" in cli.stderr
+
+
+def _rewrite(model_dir, name, text):
+    """Replace a file and its hash: a consistent-looking but mismatched dir."""
+    from export.exporter import sha256
+
+    (model_dir / name).write_text(text, encoding="utf-8")
+    description = json.loads((model_dir / "model.json").read_text())
+    description["files"][name] = sha256(model_dir / name)
+    (model_dir / "model.json").write_text(json.dumps(description))
+
+
+def test_mismatched_dictionary_or_sentencepiece_is_refused(exported, tmp_path):
+    _, model_dir = exported
+    short = _copy(model_dir, tmp_path / "a")
+    symbols = (short / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    _rewrite(short, "vocab.txt", "\n".join(symbols[:-8]) + "\n")
+    with pytest.raises(ModelDirError, match="vocab.txt has .* entries, the graphs"):
+        Translator(short)
+    foreign = _copy(model_dir, tmp_path / "b")
+    _rewrite(foreign, "vocab.txt", "\n".join(symbols[:4] + [f"zz{i}" for i in range(len(symbols) - 4)]) + "\n")
+    with pytest.raises(ModelDirError, match="sentencepiece model and dictionary do not match"):
+        Translator(foreign)
+
+
+def test_existing_out_dir_needs_force(exported, tmp_path):
+    checkpoint, model_dir = exported
+    with pytest.raises(ExportError, match="--force"):
+        export(checkpoint, model_dir)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("x")
+    with pytest.raises(ExportError, match="not a model dir"):
+        export(checkpoint, other, force=True)
+    assert np.array_equal(np.array((other / "a.txt").read_text()), np.array("x"))
