@@ -8,6 +8,7 @@ setup(
                                     "eval", "eval.*"]),
     python_requires=">=3.10",
     # torch and fairseq are installed by the Makefile (CPU wheel; fairseq with --no-deps)
-    install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile", "torch-pruning"],
+    install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile", "torch-pruning",
+                      "onnx>=1.16", "onnxruntime>=1.20", "onnxslim"],
     entry_points={"console_scripts": ["lite = lite.cli:main"]},
 )

@@ -2,7 +2,7 @@
 
     lite compress prune runs/x/checkpoints/checkpoint_best.pt --budget 60M --out runs/x/pruned \\
         [--importance magnitude|taylor] [--step 0.05] [--kinds encoder_ffn_embed_dim,decoder_ffn_embed_dim]
-    lite train CONFIG data=... save_dir=... --finetune-from runs/x/pruned/checkpoint_pruned.pt <the printed dims>
+    lite train CONFIG data=... save_dir=... --finetune-from runs/x/pruned/checkpoint_pruned.pt  # dims from its args
 
 What is pruned: inner widths only (the residual/embedding width stays). Each *kind* of width is named after the
 model arg that describes it and stays uniform across the layers that arg covers, so that the pruned model is
@@ -19,11 +19,11 @@ again a ``lite_transformer`` built from its args:
                                     (lightweight: its row of H x K; dynamic: its K rows of weight_linear, and the
                                     R input columns), columns of linear2; needs conv_head_dim as well
 
-A kind is pruned by default only when lite_transformer has the args that describe its result (``kind_args``):
-today the FFN dims. Heads, GAU and conv widths need --{encoder,decoder,mixer}-attention-head-dim, --gau-hidden-dim
-and --conv-head-dim, which the model does not have yet; those kinds are skipped (listed in prune.json) unless
-named in ``PruneConfig.kinds`` for in-memory use. A kind is unavailable when its arg also feeds a module that is
-not pruned (Fastformer takes its heads from the attention-heads arg).
+A kind is pruned by default when lite_transformer has the args that describe its result (``kind_args``): the FFN
+dims; heads with --{encoder,decoder,mixer}-attention-head-dim (heads x head dim need not equal the width), the GAU
+width with --gau-hidden-dim, conv heads with --conv-head-dim. A kind whose args the model lacks is skipped (listed
+in prune.json) unless named in ``PruneConfig.kinds`` for in-memory use. A kind is unavailable when its arg also
+feeds a module that is not pruned (Fastformer takes its heads from the attention-heads arg).
 
 How torch-pruning is used: for each pruned sublayer a ``tp.DependencyGraph`` is traced on a *coupling forward*, the
 sublayer's own projections wired so that the trace shows which channels belong together (FFN: its real forward;
@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from eval.macs import count_params, paper_macs
 from lite.modules import GAU, LSRA, ConvBranch, DynamicConv, FeedForward, LightweightConv, SelfAttention
+from lite.modules.attention import set_heads
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +177,9 @@ class _AttentionSite(_Site):
         return _AttentionCoupling(self.module), inputs, {}
 
     def finish(self) -> None:
-        # fairseq's own pruned-head state (as its _adaptive_prune_heads): the inner width is heads x head_dim, the
-        # fused-kernel path (which checks embed_dim against the input) is bypassed
+        # the state a model built with --*-attention-head-dim has: heads x head_dim inner width, no fused kernel
         attn = self.module
-        attn.num_heads = attn.q_proj.out_features // attn.head_dim
-        attn.embed_dim = attn.q_proj.out_features
-        attn.skip_embed_dim_check = True
+        set_heads(attn, attn.q_proj.out_features // attn.head_dim, attn.head_dim)
 
     def values(self, kind: str) -> dict[str, int]:
         return {kind: self.units(), kind.replace("_heads", "_head_dim"): self.unit_size}

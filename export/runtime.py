@@ -196,10 +196,10 @@ class Translator:
         todo = sorted(((i, self.encode(line)) for i, line in enumerate(lines) if line.strip()), key=lambda x: len(x[1]))
         d = self.description
         start = time.perf_counter()
-        for first in range(0, len(todo), self.batch_size):
+        for first in range(0, len(todo), self.batch_size):  # the target starts with eos, as fairseq's does
             chunk = todo[first:first + self.batch_size]
             hypos = search(self.model, self._batch([t for _, t in chunk]), eos=d["eos"], pad=d["pad"], unk=d["unk"],
-                           bos=d["bos"], options=self.options, max_len_cap=d["max_target_positions"] - 1)
+                           options=self.options, max_len_cap=d["max_target_positions"] - 1)
             for (i, _), nbest in zip(chunk, hypos):
                 outputs[i] = self.decode(nbest[0].tokens.tolist())
         self.seconds += time.perf_counter() - start

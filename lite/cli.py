@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     from compress.prune import register_cli as register_compress
+    from compress.quantize import add_quantize_parser
     from eval.macs import register_cli as register_macs
 
-    register_compress(sub)
+    add_quantize_parser(register_compress(sub))
 
     register_macs(sub)
     return parser

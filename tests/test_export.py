@@ -38,8 +38,8 @@ def test_every_registered_family_has_an_export_test():
     assert {f[0] for f in covered} >= set(MIXERS) - {"conv"}  # "conv" alone has no registered architecture
 
 
-def _export_tiny(arch, tmp_path):
-    model = tiny_model(arch, tiny_dictionary())
+def _export_tiny(arch, tmp_path, **overrides):
+    model = tiny_model(arch, tiny_dictionary(), **overrides)
     reference = copy.deepcopy(model)  # export switches the traced copy into ONNX mode
     description = export_graphs(model, tmp_path)
     specs = [StateSpec(**{**s, "shape": tuple(s["shape"])}) for s in description["states"]]
@@ -51,6 +51,29 @@ def _export_tiny(arch, tmp_path):
 def test_graphs_match_pytorch(arch, tmp_path):
     """batch {1, 3} x source length {1, 7, 33} x 10 steps with beam reordering, within 1e-4."""
     reference, specs, outputs = _export_tiny(arch, tmp_path)
+    report = validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"),
+                      onnx_runner(tmp_path / "decoder_step.onnx"), outputs)
+    assert report.cases == 6 and report.steps == 10 and report.max_abs_diff < 1e-4
+
+
+# inner widths as pruning leaves them (heads x head dim != width), in every stateful module of the decoder step
+PRUNED_WIDTHS = {
+    "lsra_wmt_200": dict(mixer_attention_heads=3, mixer_attention_head_dim=5, decoder_attention_heads=3,
+                         decoder_attention_head_dim=4, conv_heads=3, conv_head_dim=3),
+    "flash_100m": dict(gau_hidden_dim=11, decoder_attention_heads=1, decoder_attention_head_dim=6),
+}
+
+
+@pytest.mark.parametrize("arch", list(PRUNED_WIDTHS))
+def test_graphs_match_pytorch_with_pruned_widths(arch, tmp_path):
+    """Self-attention caches [B, H, t, D], conv frames [K-1, B, H*R] and GAU state [B, ., E] take the set widths;
+    cross attention's keys/values (from the encoder graph, H x D = 3 x 4 / 1 x 6) are compared as values."""
+    reference, specs, outputs = _export_tiny(arch, tmp_path, **PRUNED_WIDTHS[arch])
+    if arch == "lsra_wmt_200":
+        assert {(s.shape[1], s.shape[3]) for s in specs if s.field == "prev_key"} == {(3, 5)}  # (H, D)
+        assert {s.shape[2] for s in specs if s.key == "frames"} == {9}
+    else:
+        assert {s.shape[-1] for s in specs if s.key == "value"} == {11}
     report = validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"),
                       onnx_runner(tmp_path / "decoder_step.onnx"), outputs)
     assert report.cases == 6 and report.steps == 10 and report.max_abs_diff < 1e-4

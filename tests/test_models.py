@@ -1,6 +1,7 @@
 """Every registered lite architecture: stepping == full causal pass, padding invariance, beam search."""
 import pytest
 import torch
+from fairseq.modules import MultiheadAttention
 from fairseq.sequence_generator import SequenceGenerator
 
 from tests.conftest import LITE_ARCHS, assert_close, tiny_dictionary, tiny_model
@@ -33,6 +34,59 @@ def test_stepping_matches_full_causal_pass(arch, length):
     steps = torch.cat([model.decoder(prev[:, :t + 1], encoder_out, incremental_state=state)[0]
                        for t in range(length)], dim=1)
     assert_close(steps, full)
+
+
+# heads x head dim != width everywhere (as pruning leaves them): LSRA and cross attention, dynamic conv + GLU on
+# conv heads x R channels, encoder/decoder self-attention, GAU with its own U/V width
+INNER_WIDTHS = {
+    "lsra_wmt_200": dict(mixer_attention_heads=3, mixer_attention_head_dim=5, decoder_attention_heads=3,
+                         decoder_attention_head_dim=4, conv_heads=3, conv_head_dim=3),
+    "lsra_iwslt_160": dict(mixer_attention_heads=1, mixer_attention_head_dim=6, conv_heads=2, conv_head_dim=5),
+    "transformer_d128": dict(mixer_attention_heads=None, encoder_attention_heads=3, encoder_attention_head_dim=4,
+                             decoder_attention_heads=3, decoder_attention_head_dim=7),
+    "flash_100m": dict(gau_hidden_dim=11, decoder_attention_heads=1, decoder_attention_head_dim=6),
+}
+
+
+@pytest.mark.parametrize("arch", list(INNER_WIDTHS))
+def test_set_head_dims_and_inner_widths_build_and_step(arch):
+    d = tiny_dictionary()
+    model = tiny_model(arch, d, **INNER_WIDTHS[arch])
+    layer, args = model.decoder.layers[0], model.args
+    for attn in (m for m in model.modules() if isinstance(m, MultiheadAttention)):
+        inner = attn.num_heads * attn.head_dim
+        assert attn.q_proj.out_features == attn.k_proj.out_features == attn.out_proj.in_features == inner
+        assert attn.scaling == attn.head_dim ** -0.5
+    if args.decoder_attention_head_dim:
+        cross = layer.cross_attention
+        assert (cross.num_heads, cross.head_dim) == (args.decoder_attention_heads, args.decoder_attention_head_dim)
+        assert cross.k_proj.weight.shape == (cross.num_heads * cross.head_dim, 16)
+    if args.mixer_attention_head_dim:
+        attn = layer.mixer.attention.attn
+        assert (attn.num_heads, attn.head_dim) == (args.mixer_attention_heads, args.mixer_attention_head_dim)
+        assert attn.q_proj.weight.shape == (attn.num_heads * attn.head_dim, 8)
+    if args.conv_head_dim:
+        branch = layer.mixer.conv
+        inner = args.conv_heads * args.conv_head_dim
+        assert branch.conv.channels == inner and branch.linear2.weight.shape == (8, inner)
+        assert branch.linear1.weight.shape == ((2 if args.conv_glu else 1) * inner, 8)
+    if args.gau_hidden_dim:
+        assert layer.mixer.proj.weight.shape == (2 * 11 + 8, 16) and layer.mixer.out_proj.weight.shape == (16, 11)
+    src = _source(d)
+    encoder_out = model.encoder(src)
+    prev = torch.randint(d.nspecial, len(d), (2, 7))
+    prev[:, 0] = d.eos()
+    full, _ = model.decoder(prev, encoder_out)
+    state = {}
+    steps = torch.cat([model.decoder(prev[:, :t + 1], encoder_out, incremental_state=state)[0] for t in range(7)], 1)
+    assert_close(steps, full)
+
+
+def test_unset_head_dims_build_fairseqs_own_attention():
+    """None (every preset): the module fairseq builds, fused kernel and all, whatever the heads."""
+    model = tiny_model("transformer_d128", mixer_attention_heads=None, encoder_attention_head_dim=8)  # 2 x 8 = 16
+    for attn in (model.encoder.layers[0].mixer.attn, model.decoder.layers[0].cross_attention):
+        assert attn.embed_dim == 16 and attn.head_dim == 8 and not attn.skip_embed_dim_check
 
 
 @pytest.mark.parametrize("arch", LITE_ARCHS)

@@ -1,6 +1,6 @@
 """compress/prune.py: torch-pruning to a MAC budget; the pruned model against the original with the same units
 masked out, incremental decoding, importance rankings, and the checkpoint of a real `lite train` run (loads in
-fairseq, matches, fine-tunes, keeps its dims)."""
+fairseq, matches, fine-tunes, keeps its dims), with pruned heads, conv heads and GAU widths in its args."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,7 @@ from tests.conftest import assert_close, tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "models" / "lsra" / "tiny.yaml"
 FFN_KINDS = ["decoder_ffn_embed_dim", "encoder_ffn_embed_dim"]
+LSRA_KINDS = ["conv_heads", "decoder_attention_heads", *FFN_KINDS, "mixer_attention_heads"]  # sorted, as chosen
 # every mechanism: lightweight conv, dynamic conv + GLU, attention + FFN, GAU (+ cross attention)
 ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128", "flash_100m"]
 
@@ -90,6 +91,16 @@ def _units(module) -> int:
     return module.conv.num_heads
 
 
+def _assert_steps_match_full_pass(model, inputs) -> None:
+    src, lengths, prev, _ = inputs
+    with torch.no_grad():
+        encoder_out = model.encoder(src, lengths)
+        full = model.decoder(prev, encoder_out)[0]  # [B, T, V]
+        state: dict = {}
+        steps = [model.decoder(prev[:, :t + 1], encoder_out, incremental_state=state)[0] for t in range(prev.size(1))]
+    assert_close(torch.cat(steps, dim=1), full)
+
+
 def _prune_half(model) -> tuple[dict, dict]:
     sites, _ = P.find_sites(model)
     scorer = P.importance_scorer("magnitude")
@@ -117,13 +128,7 @@ def test_pruned_decoder_steps_match_its_full_pass(arch):
     """Pruned heads, conv heads and GAU widths keep incremental decoding (cached keys, conv frames, GAU state)."""
     model = tiny_model(arch)
     _prune_half(model)
-    src, lengths, prev, _ = _inputs(model, batch=2)
-    with torch.no_grad():
-        encoder_out = model.encoder(src, lengths)
-        full = model.decoder(prev, encoder_out)[0]  # [B, T, V]
-        state: dict = {}
-        steps = [model.decoder(prev[:, :t + 1], encoder_out, incremental_state=state)[0] for t in range(prev.size(1))]
-    assert_close(torch.cat(steps, dim=1), full)
+    _assert_steps_match_full_pass(model, _inputs(model, batch=2))
 
 
 def test_magnitude_importance_keeps_the_largest_ffn_units():
@@ -185,7 +190,7 @@ def test_both_importances_prune_to_the_budget(importance):
     result = P.prune_to_budget(model, config, random_batches(model) if importance == "taylor" else None)
     assert result.macs_after == paper_macs(model).total <= config.budget < result.macs_before == before
     assert [s["macs"] for s in result.steps] == sorted((s["macs"] for s in result.steps), reverse=True)
-    assert result.kinds == FFN_KINDS and result.steps[-1]["macs"] == result.macs_after
+    assert result.kinds == LSRA_KINDS and result.steps[-1]["macs"] == result.macs_after
     assert (result.params_after, result.params_no_embed_after) == count_params(model)
     assert result.params_no_embed_after < result.params_no_embed_before
     for kind in FFN_KINDS:
@@ -195,32 +200,41 @@ def test_both_importances_prune_to_the_budget(importance):
 
 def test_an_unreachable_budget_is_refused_before_pruning():
     model = tiny_model("transformer_d128")
+    kinds = ["decoder_attention_heads", *FFN_KINDS, "mixer_attention_heads"]  # every kind, by default
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    floor = P.smallest_macs(model, FFN_KINDS)
+    floor = P.smallest_macs(model, kinds)
     with pytest.raises(P.PruneError, match=rf"out of reach: the smallest reachable is {floor:,} MACs"):
         P.prune_to_budget(model, P.PruneConfig(floor - 1))
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in weights.items()}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     result = P.prune_to_budget(model, P.PruneConfig(floor, step=0.5))  # exactly the floor is reachable
-    assert result.macs_after == floor and all(result.dims_after[k] == 1 for k in FFN_KINDS)
+    assert result.kinds == kinds and result.macs_after == floor and all(result.dims_after[k] == 1 for k in kinds)
 
 
 def test_default_kinds_are_those_the_model_args_describe():
     sites, blocked = P.find_sites(tiny_model("lsra_wmt_200"))
-    kinds, skipped = P.choose_kinds(sites, blocked, None, P.model_options())
-    assert kinds == FFN_KINDS
+    options = P.model_options()
+    assert P.choose_kinds(sites, blocked, None, options) == (LSRA_KINDS, {})
+    kinds, skipped = P.choose_kinds(sites, blocked, None, options - {"conv_head_dim", "mixer_attention_head_dim"})
+    assert kinds == ["decoder_attention_heads", *FFN_KINDS]
     assert "--conv-head-dim" in skipped["conv_heads"]
     assert "--mixer-attention-head-dim" in skipped["mixer_attention_heads"]
-    with pytest.raises(P.PruneError, match="nothing this model's args can describe.*--gau-hidden-dim"):
-        P.prune_to_budget(tiny_model("flash_100m"), P.PruneConfig(1))
+    sites, blocked = P.find_sites(tiny_model("flash_100m"))
+    assert P.choose_kinds(sites, blocked, None, options) == (["decoder_attention_heads", "gau_hidden_dim"], {})
+    # Fastformer takes its heads from the side's attention heads, as cross attention does: neither is pruned
+    sites, blocked = P.find_sites(tiny_model("fastformer_100m", mixer_attention_heads=None))
+    kinds, skipped = P.choose_kinds(sites, blocked, None, options)
+    assert kinds == FFN_KINDS and list(skipped) == ["decoder_attention_heads"]
+    assert "(Fastformer) also takes its heads from --decoder-attention-heads" in skipped["decoder_attention_heads"]
     with pytest.raises(P.PruneError, match="--kinds mixer_attention_heads: cannot be pruned: .*Fastformer"):
         P.prune_to_budget(tiny_model("fastformer_100m"), P.PruneConfig(1, kinds=("mixer_attention_heads",)))
     with pytest.raises(P.PruneError, match="--step 1.5"):
         P.PruneConfig(100, step=1.5)
 
 
-def test_named_kinds_prune_in_memory_and_the_checkpoint_check_refuses_what_args_cannot_describe():
-    """Heads need a head-dim arg the model lacks: pruned in memory, with both args set; never saved unverified."""
+def test_named_kinds_prune_and_the_checkpoint_check_refuses_what_args_cannot_describe(monkeypatch):
+    """A pruned kind is saved with its heads and head dim and rebuilds; without the head-dim arg it never would be
+    saved unverified."""
     model = tiny_model("transformer_d128")
     original_args = copy.deepcopy(model.args)
     before = paper_macs(model).total
@@ -229,6 +243,9 @@ def test_named_kinds_prune_in_memory_and_the_checkpoint_check_refuses_what_args_
     assert model.args.mixer_attention_heads == 1 and model.args.mixer_attention_head_dim == 8
     assert paper_macs(model).total <= int(0.9 * before)
     state = P.pruned_state({"args": None, "cfg": {"model": original_args}, "extra_state": {}}, model, result)
+    assert P.verify_state(state, model) <= P.ATOL
+    del state["cfg"]["model"].mixer_attention_head_dim  # as if lite_transformer had no such arg
+    monkeypatch.setattr(P, "model_options", lambda: set(vars(original_args)) - {"mixer_attention_head_dim"})
     expected = r"args do not describe .*k_proj.weight: weights \(8, 16\).*no --mixer-attention-head-dim arg"
     with pytest.raises(P.PruneError, match=expected):
         P.verify_state(state, model)
@@ -251,17 +268,19 @@ def briefly_trained(tmp_path_factory):
 def pruned(briefly_trained):
     macs = paper_macs(load_checkpoint(briefly_trained)[0]).total
     out = briefly_trained.parent.parent / "pruned"
-    model, report = P.prune_checkpoint(briefly_trained, out, P.PruneConfig(int(0.85 * macs), step=0.2))
+    model, report = P.prune_checkpoint(briefly_trained, out, P.PruneConfig(int(0.75 * macs), step=0.2))
     return model, report
 
 
 def test_the_budget_is_met_and_prune_json_says_how(pruned):
     model, report = pruned
     assert report["macs_after"] == paper_macs(model).total <= report["budget"] < report["macs_before"]
-    assert report["importance"] == "magnitude" and report["kinds"] == FFN_KINDS and len(report["steps"]) >= 2
+    assert report["importance"] == "magnitude" and report["kinds"] == LSRA_KINDS and len(report["steps"]) >= 2
     assert report["params_no_embed_after"] < report["params_no_embed_before"]
-    assert set(report["skipped_kinds"]) == {"conv_heads", "mixer_attention_heads", "decoder_attention_heads"}
-    assert sorted(report["finetune_overrides"]) == [f"{k}={report['dims_after'][k]}" for k in FFN_KINDS]
+    assert report["skipped_kinds"] == {}
+    assert all(report["dims_after"][kind] < report["dims_before"][kind] for kind in LSRA_KINDS)  # heads at step 2
+    assert sorted(report["finetune_overrides"]) == \
+        sorted(f"{arg}={report['dims_after'][arg]}" for kind in LSRA_KINDS for arg in P.kind_args(kind))
     assert json.loads((Path(report["checkpoint"]).parent / P.REPORT_NAME).read_text()) == report
     assert not list(Path(report["checkpoint"]).parent.glob("*.tmp"))
 
@@ -276,6 +295,13 @@ def test_the_checkpoint_args_carry_the_dims_of_its_weights(pruned):
         for i in range(args.encoder_layers):
             assert state["model"][f"{side}.layers.{i}.ffn.fc1.weight"].shape == (hidden, args.encoder_embed_dim)
             assert state["model"][f"{side}.layers.{i}.ffn.fc2.weight"].shape == (args.encoder_embed_dim, hidden)
+    for arg in ("decoder_attention_heads", "decoder_attention_head_dim", "mixer_attention_heads",
+                "mixer_attention_head_dim", "conv_heads", "conv_head_dim"):
+        assert getattr(args, arg) == report["dims_after"][arg]
+    inner = args.decoder_attention_heads * args.decoder_attention_head_dim
+    assert state["model"]["decoder.layers.0.cross_attention.k_proj.weight"].shape == (inner, args.encoder_embed_dim)
+    assert state["model"]["decoder.layers.0.mixer.conv.linear2.weight"].shape == \
+        (args.encoder_embed_dim // 2, args.conv_heads * args.conv_head_dim)
     assert "last_optimizer_state" not in state and state["extra_state"]["previous_training_time"] == 0.0
     assert P.finetune_overrides(report["checkpoint"]) == report["finetune_overrides"]
 
@@ -303,6 +329,9 @@ def test_finetuning_the_pruned_checkpoint_keeps_its_dims(pruned, tmp_path):
         hidden = report["dims_after"][f"{side}_ffn_embed_dim"]
         assert getattr(state["cfg"]["model"], f"{side}_ffn_embed_dim") == hidden
         assert state["model"][f"{side}.layers.0.ffn.fc1.weight"].shape[0] == hidden
+    for arg in ("decoder_attention_head_dim", "mixer_attention_heads", "mixer_attention_head_dim", "conv_heads",
+                "conv_head_dim"):
+        assert getattr(state["cfg"]["model"], arg) == report["dims_after"][arg]
 
 
 def test_cli_prunes_with_taylor_on_the_training_data_and_refuses_bad_budgets(briefly_trained, tmp_path, capsys):
@@ -321,5 +350,57 @@ def test_cli_prunes_with_taylor_on_the_training_data_and_refuses_bad_budgets(bri
     report = json.loads(capsys.readouterr().out)
     assert report["importance"] == "taylor" and report["macs_after"] <= 1_100_000
     assert cli("--budget", "1100k") == 2 and "exists; pass --force" in capsys.readouterr().err
-    assert cli("--budget", "1100k", "--kinds", "conv_heads", "--force") == 2
-    assert "--kinds conv_heads: lite_transformer has no --conv-head-dim arg" in capsys.readouterr().err
+    assert cli("--budget", "1100k", "--kinds", "gau_hidden_dim", "--force") == 2
+    assert "--kinds gau_hidden_dim: this model has no such layers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- every width saved
+
+# arch -> (tiny model overrides, the kinds pruned by default); lsra_iwslt_160 is the trained checkpoint itself
+SAVED = {
+    "lsra_iwslt_160": ({}, LSRA_KINDS),  # LSRA attention, lightweight conv heads, cross attention
+    "lsra_wmt_200": ({}, LSRA_KINDS),  # dynamic conv + GLU
+    "transformer_d128": (dict(mixer_attention_heads=None, encoder_attention_heads=4, decoder_attention_heads=4),
+                         ["decoder_attention_heads", "decoder_ffn_embed_dim", "encoder_attention_heads",
+                          "encoder_ffn_embed_dim"]),  # encoder, decoder self- and cross attention
+    "flash_100m": ({}, ["decoder_attention_heads", "gau_hidden_dim"]),
+}
+
+
+def _tiny_checkpoint(arch: str, trained: Path, path: Path, **overrides) -> Path:
+    """A checkpoint of an untrained tiny ``arch`` on the trained checkpoint's data (its dictionary, training args)."""
+    _, task = load_checkpoint(trained)
+    model = tiny_model(arch, task.source_dictionary, **overrides)
+    state = P.read_state(trained)
+    args = state["cfg"]["model"]
+    vars(args).update(vars(model.args))
+    args.arch = arch
+    if hasattr(args, "_name"):
+        args._name = arch
+    state["model"] = model.state_dict()
+    state.pop("last_optimizer_state", None)
+    checkpoint_utils.torch_persistent_save(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("arch", list(SAVED))
+def test_pruned_heads_conv_heads_and_gau_width_are_saved_and_load_in_fairseq(arch, briefly_trained, tmp_path):
+    """Every kind halved in one step (--step 0.5): the checkpoint's args carry heads + head dims, conv heads + conv
+    head dim, the GAU width; lite's and fairseq's loaders rebuild it, it reproduces the pruned model and its
+    incremental decoding (key/value caches [B, H', t, D], conv frames, GAU state) equals its full causal pass."""
+    overrides, kinds = SAVED[arch]
+    checkpoint = briefly_trained if arch == "lsra_iwslt_160" else \
+        _tiny_checkpoint(arch, briefly_trained, tmp_path / "tiny.pt", **overrides)
+    macs = paper_macs(load_checkpoint(checkpoint)[0]).total
+    model, report = P.prune_checkpoint(checkpoint, tmp_path / "pruned", P.PruneConfig(int(0.9 * macs), step=0.5))
+    assert report["kinds"] == kinds and report["skipped_kinds"] == {} and len(report["steps"]) == 1
+    assert all(report["dims_after"][kind] < report["dims_before"][kind] for kind in kinds)
+    args = torch.load(report["checkpoint"], weights_only=True)["cfg"]["model"]
+    assert {arg: getattr(args, arg) for kind in kinds for arg in P.kind_args(kind)} == \
+        {arg: report["dims_after"][arg] for kind in kinds for arg in P.kind_args(kind)}
+    inputs = _inputs(model, batch=2)
+    lite_model, _ = load_checkpoint(report["checkpoint"])
+    fairseq_model = checkpoint_utils.load_model_ensemble_and_task([report["checkpoint"]])[0][0].eval()
+    for loaded in (lite_model, fairseq_model):
+        assert_close(_logits(loaded, inputs), _logits(model, inputs))
+        _assert_steps_match_full_pass(loaded, inputs)

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from fairseq import utils
 from fairseq.models import (FairseqEncoder, FairseqEncoderDecoderModel, FairseqIncrementalDecoder,
                             register_model)
-from fairseq.modules import LayerNorm, MultiheadAttention, PositionalEmbedding
+from fairseq.modules import LayerNorm, PositionalEmbedding
 from torch import Tensor, nn
 
 from lite.modules import MIXERS, FeedForward, MixerSpec, build_mixer
-from lite.modules.attention import IncrementalState
+from lite.modules.attention import IncrementalState, multihead_attention
 
 EncoderOut = Dict[str, List[Tensor]]
 
@@ -34,8 +34,19 @@ def _kernel_sizes(value: Any, layers: int) -> List[int]:
     return sizes
 
 
+def _mixer_heads(args, side: str) -> tuple[int, int | None]:
+    """(heads, head dim or None) of a side's mixer attention: --mixer-attention-heads/-head-dim when the heads are
+    set, else the side's --{side}-attention-heads/-head-dim."""
+    if getattr(args, "mixer_attention_heads", None):
+        return args.mixer_attention_heads, getattr(args, "mixer_attention_head_dim", None)
+    if getattr(args, "mixer_attention_head_dim", None) is not None:
+        raise ValueError(f"--mixer-attention-head-dim {args.mixer_attention_head_dim} needs --mixer-attention-heads "
+                         f"(or set --{side}-attention-head-dim instead)")
+    return getattr(args, f"{side}_attention_heads"), getattr(args, f"{side}_attention_head_dim", None)
+
+
 def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
-    heads = getattr(args, "mixer_attention_heads", None) or getattr(args, f"{side}_attention_heads")
+    heads, head_dim = _mixer_heads(args, side)
     return MixerSpec(
         embed_dim=getattr(args, f"{side}_embed_dim"),
         attention_heads=heads,
@@ -50,6 +61,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         gau_expansion=args.gau_expansion,
         gau_key_dim=args.gau_key_dim,
         chunk_size=args.chunk_size,
+        attention_head_dim=head_dim,
+        gau_hidden_dim=getattr(args, "gau_hidden_dim", None),
+        conv_head_dim=getattr(args, "conv_head_dim", None),
     )
 
 
@@ -95,9 +109,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         dim = args.decoder_embed_dim
         self.mixer = build_mixer(args.decoder_mixer, _mixer_spec(args, "decoder", layer, causal=True))
-        self.cross_attention = MultiheadAttention(
-            dim, args.decoder_attention_heads, kdim=args.encoder_embed_dim, vdim=args.encoder_embed_dim,
-            dropout=args.attention_dropout, encoder_decoder_attention=True)
+        self.cross_attention = multihead_attention(
+            dim, args.decoder_attention_heads, getattr(args, "decoder_attention_head_dim", None),
+            kdim=args.encoder_embed_dim, vdim=args.encoder_embed_dim, dropout=args.attention_dropout,
+            encoder_decoder_attention=True)
         self.ffn = _ffn(dim, args.decoder_ffn_embed_dim, args)
         self.mixer_block = Residual(dim, args.dropout, args.normalize_before)
         self.cross_block = Residual(dim, args.dropout, args.normalize_before)
@@ -233,11 +248,18 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
                 help="convolution kernel size per layer (one value repeats)")
         add("--mixer-attention-heads", type=int, metavar="N",
             help="heads of the mixer's attention (LSRA branch); default: the side's attention heads")
+        for prefix, what in (("encoder", "encoder self-attention"), ("decoder", "decoder self- and cross attention"),
+                             ("mixer", "mixer attention, with --mixer-attention-heads")):
+            add(f"--{prefix}-attention-head-dim", type=int, metavar="D",
+                help=f"channels per head of the {what} (q/k/v: width -> heads x D); default: width // heads")
         add("--gau-expansion", type=int, metavar="E", help="GAU: width of U and V = E x embed dim")
+        add("--gau-hidden-dim", type=int, metavar="E", help="GAU: width of U and V; default: gau expansion x embed dim")
         add("--gau-key-dim", type=int, metavar="S", help="GAU: width of the shared Z that Q and K are made from")
         add("--chunk-size", type=int, metavar="C", help="FLASH: mixed-chunk attention chunk; 0 = quadratic")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
+        add("--conv-head-dim", type=int, metavar="R",
+            help="channels per conv head: the conv branch works on conv heads x R channels; default: width // heads")
         add("--conv-glu", type=utils.eval_bool, metavar="BOOL", help="Linear C->2C + GLU before the convolution")
         add("--weight-softmax", type=utils.eval_bool, metavar="BOOL")
         add("--weight-dropout", type=float, metavar="D", help="dropout on the convolution kernels")

@@ -37,26 +37,35 @@ class MixerSpec:
     gau_expansion: int = 2  # GAU: U, V width = expansion x embed dim
     gau_key_dim: int = 128  # GAU: s, the width of the shared Z from which Q and K are made
     chunk_size: int = 0  # FLASH: mixed-chunk attention with chunks of this size; 0 = quadratic (FLASH-Quad)
+    attention_head_dim: int | None = None  # channels per attention head; None: the attention's width // heads
+    gau_hidden_dim: int | None = None  # GAU: U, V width; None: gau_expansion x embed dim
+    conv_head_dim: int | None = None  # channels per conv head (inner width conv_heads x it); None: width // heads
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
 
 
 def _conv_branch(spec: MixerSpec, channels: int) -> ConvBranch:
+    """A convolution branch ``channels`` wide outside, conv_heads x conv_head_dim inside (default ``channels``)."""
     if spec.conv_type not in CONVS:
         raise ValueError(f"unknown conv type {spec.conv_type!r}; valid: {sorted(CONVS)}")
-    conv = CONVS[spec.conv_type](channels, spec.kernel_size, spec.conv_heads, spec.causal,
+    if spec.conv_head_dim is not None and spec.conv_head_dim < 1:
+        raise ValueError(f"--conv-head-dim {spec.conv_head_dim}: must be positive (or unset: width // conv heads)")
+    inner = channels if spec.conv_head_dim is None else spec.conv_heads * spec.conv_head_dim
+    conv = CONVS[spec.conv_type](inner, spec.kernel_size, spec.conv_heads, spec.causal,
                                  weight_softmax=spec.weight_softmax, weight_dropout=spec.weight_dropout)
     return ConvBranch(channels, conv, spec.conv_glu)
 
 
 def _attention(spec: MixerSpec) -> nn.Module:
-    return SelfAttention(spec.embed_dim, spec.attention_heads, spec.causal, spec.attention_dropout)
+    return SelfAttention(spec.embed_dim, spec.attention_heads, spec.causal, spec.attention_dropout,
+                         head_dim=spec.attention_head_dim)
 
 
 def _lsra(spec: MixerSpec) -> nn.Module:
     half = spec.embed_dim // 2
-    attention = SelfAttention(half, spec.attention_heads, spec.causal, spec.attention_dropout)
+    attention = SelfAttention(half, spec.attention_heads, spec.causal, spec.attention_dropout,
+                              head_dim=spec.attention_head_dim)
     return LSRA(attention, _conv_branch(spec, spec.embed_dim - half), split=half)
 
 

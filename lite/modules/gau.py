@@ -1,6 +1,6 @@
 """Gated Attention Unit and FLASH (Hua et al., 2022, "Transformer Quality in Linear Time"), pure torch.
 
-Notation: T time, B batch, C channels (the paper's d), E = expansion * C (e), S key dim (s),
+Notation: T time, B batch, C channels (the paper's d), E = expansion * C or --gau-hidden-dim (e), S key dim (s),
 L chunk size, G = ceil(T / L) chunks, P = number of (query or key) projections made from Z.
 
 One unit replaces attention + FFN's gating:
@@ -88,17 +88,22 @@ class GAU(nn.Module):
     """
 
     def __init__(self, embed_dim: int, expansion: int = 2, key_dim: int = 128, *, causal: bool,
-                 chunk_size: int = 0, dropout: float = 0.0, max_positions: int = 1024):
+                 chunk_size: int = 0, dropout: float = 0.0, max_positions: int = 1024,
+                 hidden_dim: Optional[int] = None):
+        """``hidden_dim``: E, the width of U and V; None: ``expansion`` x embed_dim."""
         super().__init__()
         if key_dim <= 0 or key_dim % 2:
             raise ValueError(f"GAU: key_dim (--gau-key-dim) must be a positive even number for rotary "
                              f"positions, got {key_dim}")
         if expansion <= 0:
             raise ValueError(f"GAU: expansion (--gau-expansion) must be positive, got {expansion}")
+        if hidden_dim is not None and hidden_dim <= 0:
+            raise ValueError(f"GAU: hidden_dim (--gau-hidden-dim) must be positive, got {hidden_dim}")
         if chunk_size < 0:
             raise ValueError(f"GAU: chunk_size (--chunk-size) must be 0 (FLASH-Quad) or positive (FLASH), "
                              f"got {chunk_size}")
-        self.embed_dim, self.key_dim, self.hidden_dim = embed_dim, key_dim, expansion * embed_dim
+        self.embed_dim, self.key_dim, self.hidden_dim = embed_dim, key_dim, \
+            expansion * embed_dim if hidden_dim is None else hidden_dim
         self.causal, self.chunk_size, self.dropout, self.max_positions = causal, chunk_size, dropout, max_positions
         self.scale = key_dim ** -0.5
         num_projections = 4 if chunk_size else 2  # quad q, quad k (, linear q, linear k)
@@ -303,4 +308,4 @@ class GAU(nn.Module):
 def gau_from_spec(spec: MixerSpec) -> GAU:
     """Builder for the mixer registry (FLASH-Quad when ``spec.chunk_size == 0``, FLASH otherwise)."""
     return GAU(spec.embed_dim, spec.gau_expansion, spec.gau_key_dim, causal=spec.causal,
-               chunk_size=spec.chunk_size, dropout=spec.attention_dropout)
+               chunk_size=spec.chunk_size, dropout=spec.attention_dropout, hidden_dim=spec.gau_hidden_dim)

@@ -15,7 +15,10 @@ from lite.modules.attention import IncrementalState, SelfAttention
 
 
 class ConvBranch(nn.Module):
-    """Linear (C -> C, or C -> 2C + GLU), zero the padded frames, convolution, Linear (C -> C).
+    """Linear (C -> I, or C -> 2I + GLU), zero the padded frames, convolution on I channels, Linear (I -> C).
+
+    C is the branch's width (``channels``), I its inner width, the convolution's channels (H heads x R; C unless
+    --conv-head-dim sets R).
 
     Shape:
         Input: T x B x C, padding mask B x T (True = pad)
@@ -24,10 +27,11 @@ class ConvBranch(nn.Module):
 
     def __init__(self, channels: int, conv: nn.Module, glu: bool):
         super().__init__()
+        inner = conv.channels
         self.glu = glu
-        self.linear1 = nn.Linear(channels, 2 * channels if glu else channels)
+        self.linear1 = nn.Linear(channels, 2 * inner if glu else inner)
         self.conv = conv
-        self.linear2 = nn.Linear(channels, channels)
+        self.linear2 = nn.Linear(inner, channels)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 incremental_state: IncrementalState = None) -> Tensor:

@@ -1,0 +1,509 @@
+"""Post-training int8 quantization of an exported model dir with ONNX Runtime: ``lite compress quantize``.
+
+    lite compress quantize runs/export/lsra --out runs/export/lsra-int8 [--method ort-dynamic|ort-static]
+        [--preset avx2|avx512_vnni|arm64] [--calibration FILE] [--force]
+    lite translate --backend onnx --model runs/export/lsra-int8      # the same runtime, nothing to change
+
+The output is a complete model dir (export/runtime.py's ``Translator`` loads it as it loads the fp32 one): the two
+graphs quantized, the other files copied, ORT-format graphs (``ort/``) remade from the quantized graphs when the
+input had them, and a new model.json: the same fields, every file's sha256 recomputed, and a ``quantization``
+entry (method, preset, per-channel, quantized MatMul/Gemm nodes per graph, bytes before/after). Written atomically
+(a temp dir beside ``--out``, renamed at the end); an existing ``--out`` needs ``--force``.
+
+Methods
+    ort-dynamic (default)  ``quantize_dynamic``: weights int8, symmetric, one scale per output channel, stored
+                           quantized; activations quantized at run time, per tensor (uint8: ONNX Runtime's
+                           DynamicQuantizeLinear has no other type). MatMul -> MatMulInteger + Cast + Mul by the
+                           scales (fused into MatMulIntegerToFloat when the session loads). Needs no data.
+    ort-static             ``quantize_static`` in QDQ format: weights as above; the activation range of every
+                           quantized MatMul's input calibrated (MinMax) on real inputs: source sentences through
+                           the encoder graph, greedy decoding steps through the decoder-step graph
+                           (``CalibrationData``). Lines from ``--calibration FILE``, else the first
+                           ``CALIBRATION_LINES`` of ``<data>/raw/train.<src>`` named by model.json. Lines that the
+                           dictionary mostly does not know (> 50% of their pieces unk) are refused: a mismatch.
+                           MatMul outputs stay fp32 (``OpTypesToExcludeOutputQuantization``): they feed the bias
+                           Add, which is fp32, so a Q/DQ there would only add rounding.
+
+What is quantized, and what is not (on purpose)
+    quantized   every MatMul whose B is a constant weight, i.e. every nn.Linear: attention q/k/v/out projections,
+                the encoder's precomputed cross-attention k/v, conv-branch linear1/linear2, FFN fc1/fc2, GAU and
+                Fastformer projections, the output projection (the largest); Gemm too with ort-static (ONNX
+                Runtime has no dynamic integer Gemm; the exporter writes MatMul + Add for our 3-D inputs anyway).
+    fp32        activation x activation MatMuls (attention scores, weighted sums; ``MatMulConstBOnly``): both
+                sides would be quantized at run time, which costs about what it saves at these widths and is where
+                int8 hurts attention most. Gather of the embedding tables: ONNX Runtime quantizes a Gather's table
+                per tensor only (one scale for the whole vocabulary, bad for rare tokens) and a lookup has no
+                arithmetic to speed up. Conv (lightweight/dynamic convolution): its kernels are computed
+                (softmax-normalized) at run time, not constants. LayerNorm, Softmax, residual Adds: cheap, and the
+                usual source of int8 accuracy loss.
+    No ``quant_pre_process``: it first rewrites the graphs with ONNX Runtime's optimizer (fusions that would then
+    decide what is quantized); ONNX Runtime applies those optimizations anyway when it loads the quantized graphs.
+
+Presets (``PRESETS``): named for the hardware, as optimum's ``AutoQuantizationConfig.avx2()`` etc.; what each sets
+and why is in ``Preset.why``. Weights are int8 symmetric (zero point 0) per output channel in every preset.
+
+Measuring: ``sqnr_per_matmul(float_graph, quantized_graph, feeds)`` gives the SQNR (dB) of every quantized MatMul's
+output against the same tensor of the fp32 graph (see there); ``CalibrationData.feeds(graph)`` makes real feeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Sequence
+
+import numpy as np
+
+from export.runtime import GRAPHS, ModelDirError, Translator, _sha256, load_description
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("ort-dynamic", "ort-static")
+CALIBRATION_LINES = 256  # lines of <data>/raw/train.<src> when none are given
+CALIBRATION_BATCH = 16  # sentences per calibration batch (encoder run + greedy decoding steps)
+MAX_UNK = 0.5  # calibration lines with more unknown pieces than this are another language/vocabulary
+# op types that only a quantized graph has: a model dir holding any of them is refused
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                           "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger",
+                           "QLinearConv", "QGemm", "QAttention"})
+
+
+class QuantizeError(ValueError):
+    """A model dir, option or calibration set that cannot be quantized as asked; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    reduce_range: bool  # weights in 7 bits ([-64, 64]) instead of [-127, 127]
+    activation_type: str  # ort-static only ("uint8" | "int8"); ort-dynamic's activations are uint8 whatever this says
+    activation_symmetric: bool  # ort-static only
+    why: str
+
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (
+    Preset("avx2", reduce_range=True, activation_type="uint8", activation_symmetric=False,
+           why="x86 without VNNI multiplies u8 x s8 with VPMADDUBSW, which adds pairs into int16 and can saturate; "
+               "7-bit weights (reduce_range) keep those sums in range"),
+    Preset("avx512_vnni", reduce_range=False, activation_type="uint8", activation_symmetric=False,
+           why="VNNI's VPDPBUSD accumulates u8 x s8 straight into int32, so full 8-bit weights cannot saturate; "
+               "asymmetric uint8 activations are the operand that instruction takes"),
+    Preset("arm64", reduce_range=False, activation_type="int8", activation_symmetric=True,
+           why="NEON SDOT/SMMLA take s8 x s8 into int32 (no saturation, no reduce_range); ONNX Runtime's guide "
+               "recommends symmetric int8 activations on ARM"),
+)}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: str = "ort-dynamic"
+    preset: str = "avx2"
+    per_channel: bool = True
+
+    def __post_init__(self):
+        wrong = []  # every bad option at once
+        if self.method not in METHODS:
+            wrong.append(f"method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            wrong.append(f"preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        if wrong:
+            raise QuantizeError("; ".join(wrong))
+
+
+# ------------------------------------------------------------------------------------------------ graphs
+
+class QuantizedNode(NamedTuple):
+    name: str  # the fp32 graph's node name
+    op_type: str  # the fp32 op: MatMul or Gemm
+    output: str  # the tensor that carries its result in both graphs
+
+
+def _producers(model) -> Dict[str, object]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _consumers(model) -> Dict[str, List[object]]:
+    found: Dict[str, List[object]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            found.setdefault(i, []).append(n)
+    return found
+
+
+def constant_weight_matmuls(model) -> List[str]:
+    """Names of the MatMul/Gemm nodes whose B (input 1) is an initializer or a Constant: what int8 applies to."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in constants]
+
+
+def quantized_matmuls(model) -> List[QuantizedNode]:
+    """The MatMul/Gemm nodes of a quantized graph that compute in int8, by the fp32 graph's node and output names.
+
+    Dynamic (IntegerOps): MatMulInteger -> Cast -> Mul, the Mul writing the fp32 MatMul's output tensor and the
+    MatMulInteger named ``<MatMul name>_quant``. QDQ: a MatMul/Gemm whose B comes from a DequantizeLinear of an
+    initializer (a quantized weight).
+    """
+    producers, consumers = _producers(model), _consumers(model)
+    weights = {i.name for i in model.graph.initializer}
+    found = []
+    for n in model.graph.node:
+        if n.op_type == "MatMulInteger":
+            (cast,) = consumers[n.output[0]]
+            (mul,) = consumers[cast.output[0]]
+            found.append(QuantizedNode(n.name.removesuffix("_quant"), "MatMul", mul.output[0]))
+        elif n.op_type in ("MatMul", "Gemm"):
+            dequantize = producers.get(n.input[1])
+            if dequantize is not None and dequantize.op_type == "DequantizeLinear" and dequantize.input[0] in weights:
+                found.append(QuantizedNode(n.name, n.op_type, n.output[0]))
+    return found
+
+
+def _quantized_ops(model) -> List[str]:
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+
+
+def _session(model, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _with_outputs(model, names: Sequence[str]):
+    """A copy of ``model`` whose graph outputs are exactly ``names`` (fp32 tensors of any shape)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]
+    copy.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return copy
+
+
+def sqnr_per_matmul(float_graph: str | Path, quantized_graph: str | Path,
+                    feeds: Iterable[Dict[str, np.ndarray]]) -> Dict[str, float]:
+    """SQNR in dB of every quantized MatMul/Gemm's output vs the fp32 graph's, over all ``feeds``; by node name.
+
+    SQNR = 10 log10(sum x^2 / sum (x - x_q)^2), x the fp32 graph's value of the tensor, x_q the quantized graph's,
+    both sums over every element of every feed. How: in a copy of each graph the quantized nodes' output tensors
+    (same names in both, see ``quantized_matmuls``) become the graph outputs. Each graph runs on its own, so a
+    MatMul's number includes the error of the quantized layers before it: what the deployed model sees, not the
+    error of that MatMul alone. Infinite where the outputs agree exactly.
+    """
+    import onnx
+
+    float_model, quantized_model = onnx.load(str(float_graph)), onnx.load(str(quantized_graph))
+    nodes = quantized_matmuls(quantized_model)
+    if not nodes:
+        raise QuantizeError(f"{quantized_graph}: no quantized MatMul/Gemm nodes")
+    names = [n.output for n in nodes]
+    float_session = _session(_with_outputs(float_model, names))
+    quantized_session = _session(_with_outputs(quantized_model, names))
+    signal, noise = np.zeros(len(names)), np.zeros(len(names))
+    inputs = {i.name for i in float_session.get_inputs()}
+    for feed in feeds:
+        feed = {k: v for k, v in feed.items() if k in inputs}
+        reference, quantized = float_session.run(names, feed), quantized_session.run(names, feed)
+        for i, (x, y) in enumerate(zip(reference, quantized)):
+            x = x.astype(np.float64)
+            signal[i] += float(np.sum(x * x))
+            noise[i] += float(np.sum((x - y.astype(np.float64)) ** 2))
+    return {n.name: (math.inf if e == 0 else 10 * math.log10(s / e)) for n, s, e in zip(nodes, signal, noise)}
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+def default_calibration_lines(description: dict, count: int = CALIBRATION_LINES) -> tuple[List[str], Path]:
+    """The first ``count`` lines of ``<data>/raw/train.<src>`` of the data dir model.json names."""
+    path = Path(description["data"]) / "raw" / f"train.{description['src']}"
+    if not path.is_file():
+        raise QuantizeError(f"ort-static needs calibration text: {path} (model.json 'data' + 'src') does not exist; "
+                            f"pass calibration lines (--calibration FILE, source-language sentences, one a line)")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for _, line in zip(range(count), f)]
+    return lines, path
+
+
+class CalibrationData:
+    """Real inputs for both graphs: source lines -> encoder feeds; greedy decoding on the fp32 graphs -> decoder-step
+    feeds, one per step. Made lazily (the decoder states of a few hundred steps would not fit in memory at once).
+
+    Lines are checked first: more than ``MAX_UNK`` of their pieces (the lone word-boundary piece "▁" not counted)
+    unknown to the dictionary is a mismatch (another language, another model's data) and raises ``QuantizeError``.
+    """
+
+    def __init__(self, model_dir: str | Path, lines: Sequence[str], batch_size: int = CALIBRATION_BATCH,
+                 source: str = "calibration lines"):
+        self.translator = t = Translator(model_dir)
+        rows = [t.encode(line) for line in lines if line.strip()]
+        if not rows:
+            raise QuantizeError(f"{source}: no non-empty lines to calibrate with")
+        # the lone word-boundary piece carries no text (sentencepiece emits it before an unknown word): not counted
+        content = [r[:-1][r[:-1] != t.index.get("\u2581", -1)] for r in rows]  # eos dropped too
+        pieces = sum(len(c) for c in content)
+        unknown = sum(int(np.sum(c == t.description["unk"])) for c in content)
+        self.lines, self.unk_fraction = len(rows), unknown / max(pieces, 1)
+        if self.unk_fraction > MAX_UNK:
+            raise QuantizeError(f"{source}: {self.unk_fraction:.0%} of the {pieces} sentencepiece pieces of its "
+                                f"{len(rows)} lines are unknown to {t.model_dir / 'vocab.txt'}: not "
+                                f"{t.description['src']!r} text of this model's data ({t.description['data']}); "
+                                f"give source-language lines like <data>/raw/train.{t.description['src']}")
+        rows.sort(key=len)  # batches of similar length: little padding
+        self.batches = [t._batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+    def feeds(self, graph: str) -> Iterator[Dict[str, np.ndarray]]:
+        """Feeds of ``graph`` ("encoder" | "decoder_step"), batch by batch."""
+        if graph not in GRAPHS:
+            raise ValueError(f"graph {graph!r}: use one of {GRAPHS}")
+        for src in self.batches:
+            if graph == "encoder":
+                yield {"src_tokens": src}
+            else:
+                yield from self._steps(src)
+
+    def _steps(self, src: np.ndarray) -> Iterator[Dict[str, np.ndarray]]:
+        """Greedy decoding of one batch [B, S] on the fp32 graphs; yields each step's decoder-step feeds."""
+        t, d = self.translator, self.translator.description
+        model = t.model
+        mask, *memory = model.encoder.run(None, {"src_tokens": src})
+        rows = src.shape[0]
+        states = [s.initial(rows) for s in model.states]
+        tokens = np.full(rows, d["eos"], dtype=np.int64)  # fairseq starts decoding from eos
+        order = np.arange(rows, dtype=np.int64)  # greedy: no beam reordering
+        finished = np.zeros(rows, dtype=bool)
+        max_len = min(int(t.options.max_len_a * src.shape[1] + t.options.max_len_b), d["max_target_positions"] - 1)
+        for step in range(max_len + 1):
+            feeds = {"tokens": tokens, "step": np.array(step, dtype=np.int64), "order": order,
+                     "encoder_padding_mask": mask, **dict(zip(model.memory_names, memory)),
+                     **{s.name: v for s, v in zip(model.states, states)}}
+            yield feeds
+            log_probs, *states = model.decoder_step.run(None, feeds)
+            log_probs[:, d["pad"]] = -np.inf
+            if step == 0:
+                log_probs[:, d["eos"]] = -np.inf  # min_len 1, as the search
+            tokens = log_probs.argmax(axis=1).astype(np.int64)
+            finished |= tokens == d["eos"]
+            if finished.all():
+                break
+
+
+class _Reader:
+    """onnxruntime's ``CalibrationDataReader`` protocol over ``CalibrationData.feeds(graph)``."""
+
+    def __init__(self, data: CalibrationData, graph: str):
+        self.data, self.graph = data, graph
+        self.rewind()
+
+    def get_next(self) -> Dict[str, np.ndarray] | None:
+        return next(self.iterator, None)
+
+    def rewind(self) -> None:
+        self.iterator = self.data.feeds(self.graph)
+
+
+# ------------------------------------------------------------------------------------------------ quantize
+
+class _NoPreprocessHint(logging.Filter):
+    """quantize_* log on the root logger: a hint to run quant_pre_process (skipped on purpose, see the module doc)
+    and a line per node left fp32 at DEBUG/INFO; while they run, the root logger keeps only other warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "pre-processing" not in record.getMessage()
+
+
+def _check_not_quantized(model_dir: Path, description: dict) -> None:
+    import onnx
+
+    entry = description.get("quantization")
+    if entry is not None:
+        raise QuantizeError(f"{model_dir / 'model.json'} has a 'quantization' entry ({entry.get('method')}, from "
+                            f"{entry.get('source', {}).get('dir', '?')}): already quantized; quantize the fp32 model "
+                            f"dir that `lite export` wrote instead")
+    for graph in GRAPHS:
+        ops = _quantized_ops(onnx.load(str(model_dir / f"{graph}.onnx")))
+        if ops:
+            raise QuantizeError(f"{model_dir / graph}.onnx holds {', '.join(ops)}: already quantized; quantize the "
+                                f"fp32 model dir that `lite export` wrote instead")
+
+
+def quantize_graph(source: str | Path, target: str | Path, config: QuantizeConfig = QuantizeConfig(),
+                   reader=None) -> None:
+    """Quantize one graph file into ``target``: its constant-weight MatMul/Gemm nodes, named explicitly (QDQ's
+    ``MatMulConstBOnly`` alone still quantizes activation x activation MatMuls). ``reader``: ort-static's
+    calibration feeds (an object with ``get_next()``, e.g. ``_Reader(CalibrationData(...), graph)``)."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    preset = PRESETS[config.preset]
+    nodes = constant_weight_matmuls(onnx.load(str(source)))
+    root = logging.getLogger()
+    hint = _NoPreprocessHint()
+    root.addFilter(hint)
+    try:
+        if config.method == "ort-dynamic":
+            quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                             per_channel=config.per_channel, reduce_range=preset.reduce_range,
+                             weight_type=QuantType.QInt8,
+                             extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True})
+        else:
+            activation = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[preset.activation_type]
+            if reader is None:
+                raise QuantizeError("ort-static needs calibration data (a reader of real feeds)")
+            quantize_static(source, target, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                            per_channel=config.per_channel,
+                            reduce_range=preset.reduce_range, activation_type=activation,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True,
+                                           "ActivationSymmetric": preset.activation_symmetric,
+                                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                                           "CalibMaxIntermediateOutputs": 64})  # bounds calibration memory
+    finally:
+        root.removeFilter(hint)
+    model = onnx.load(str(target))
+    del model.graph.value_info[:]  # shapes the quantizer inferred: optional, ONNX Runtime infers them again on load
+    onnx.save(model, str(target))
+
+
+def _summary(config: QuantizeConfig, model_dir: Path, staging: Path, counts: dict, calibration: dict | None) -> dict:
+    import onnxruntime
+
+    preset = PRESETS[config.preset]
+    size = {g: {"before": (model_dir / f"{g}.onnx").stat().st_size, "after": (staging / f"{g}.onnx").stat().st_size}
+            for g in GRAPHS}
+    size["total"] = {k: sum(size[g][k] for g in GRAPHS) for k in ("before", "after")}
+    activations = ("uint8 asymmetric, per tensor, at run time" if config.method == "ort-dynamic" else
+                   f"{preset.activation_type} {'symmetric' if preset.activation_symmetric else 'asymmetric'}, "
+                   f"per tensor, calibrated (MinMax, QDQ)")
+    return {"method": config.method, "preset": config.preset, "per_channel": config.per_channel,
+            "weights": "int8 symmetric" + (", 7-bit (reduce_range)" if preset.reduce_range else ""),
+            "activations": activations, "quantized": counts, "bytes": size,
+            **({"calibration": calibration} if calibration else {}),
+            "source": {"dir": str(model_dir.resolve()), "model_json_sha256": _sha256(model_dir / "model.json")},
+            "onnxruntime": onnxruntime.__version__}
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dynamic", preset: str = "avx2",
+             calibration_lines: Sequence[str] | None = None, force: bool = False) -> Path:
+    """int8 of a model dir (``lite export``) -> a new model dir at ``out_dir``; returns ``out_dir``.
+
+    ``calibration_lines``: source sentences for ``ort-static`` (default: the first ``CALIBRATION_LINES`` of the
+    training text model.json names); ignored by ``ort-dynamic``.
+    """
+    import onnx
+
+    config = QuantizeConfig(method, preset)
+    model_dir, out = Path(model_dir), Path(out_dir)
+    description = load_description(model_dir)  # every file checked against its sha256
+    _check_not_quantized(model_dir, description)
+    if out.resolve() == model_dir.resolve():
+        raise QuantizeError(f"--out {out} is the model dir itself; choose another dir")
+    if out.exists() and not (out / "model.json").is_file() and any(out.iterdir()):
+        raise QuantizeError(f"{out} exists and is not a model dir; choose another --out")
+    if out.exists() and not force:
+        raise QuantizeError(f"{out} already holds a model; pass --force to replace it")
+    calibration, calibration_entry = None, None
+    if config.method == "ort-static":
+        source = "calibration lines"
+        if calibration_lines is None:
+            calibration_lines, path = default_calibration_lines(description)
+            source = str(path)
+        calibration = CalibrationData(model_dir, calibration_lines, source=source)
+        calibration_entry = {"source": source, "lines": calibration.lines,
+                             "unk_fraction": round(calibration.unk_fraction, 4), "method": "MinMax"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        counts = {}
+        for graph in GRAPHS:
+            target = staging / f"{graph}.onnx"
+            reader = _Reader(calibration, graph) if calibration else None
+            quantize_graph(model_dir / f"{graph}.onnx", target, config, reader)
+            onnx.checker.check_model(str(target))
+            float_model, model = onnx.load(str(model_dir / f"{graph}.onnx")), onnx.load(str(target))
+            nodes = quantized_matmuls(model)
+            counts[graph] = {op: sum(n.op_type == op for n in nodes) for op in ("MatMul", "Gemm")}
+            counts[graph]["constant_weight_matmuls_fp32"] = len(constant_weight_matmuls(float_model))
+            if len(nodes) != counts[graph]["constant_weight_matmuls_fp32"]:
+                logger.warning(f"{graph}: {len(nodes)} of {counts[graph]['constant_weight_matmuls_fp32']} "
+                               f"constant-weight MatMul/Gemm nodes quantized")
+        for name in description["files"]:
+            if name not in {f"{g}.onnx" for g in GRAPHS} and not name.startswith("ort/"):
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(model_dir / name, staging / name)
+        if any(name.startswith("ort/") for name in description["files"]):
+            from export.exporter import _to_ort  # the same conversion as `lite export --ort`
+
+            _to_ort(staging)
+        opset = next(o.version for o in onnx.load(str(staging / "encoder.onnx")).opset_import
+                     if o.domain in ("", "ai.onnx"))
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        new = {**description, "opset": opset,
+               "quantization": _summary(config, model_dir, staging, counts, calibration_entry),
+               "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
+        (staging / "model.json").write_text(json.dumps(new, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = new["quantization"]["bytes"]["total"]
+    logger.info(f"quantized {model_dir} to {out} ({config.method}, {config.preset}): {size['before']:,} -> "
+                f"{size['after']:,} bytes")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _quantize(args: argparse.Namespace) -> int:
+    try:
+        lines = None
+        if args.calibration:
+            path = Path(args.calibration)
+            if not path.is_file():
+                raise QuantizeError(f"--calibration {path}: no such file")
+            lines = path.read_text(encoding="utf-8").splitlines()
+        out = quantize(args.model_dir, args.out, method=args.method, preset=args.preset, calibration_lines=lines,
+                       force=args.force)
+    except (QuantizeError, ModelDirError) as e:
+        print(f"lite compress quantize: error: {e}", file=sys.stderr)
+        return 2
+    entry = json.loads((out / "model.json").read_text())["quantization"]
+    size = entry["bytes"]["total"]
+    counts = ", ".join(f"{g} {c['MatMul'] + c['Gemm']}/{c['constant_weight_matmuls_fp32']}"
+                       for g, c in entry["quantized"].items())
+    print(f"{out}: {entry['method']} ({entry['preset']}), int8 MatMul/Gemm: {counts}; graphs {size['before']:,} -> "
+          f"{size['after']:,} bytes ({size['after'] / size['before']:.0%})")
+    return 0
+
+
+def add_quantize_parser(actions) -> argparse.ArgumentParser:
+    """Add the ``quantize`` action to ``lite compress``'s subparsers (``compress.prune.register_cli`` returns them)."""
+    p = actions.add_parser("quantize", help="int8 of an exported model dir (ONNX Runtime)",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", help="a model dir written by `lite export`")
+    p.add_argument("--out", required=True, help="the quantized model dir to write")
+    p.add_argument("--method", choices=METHODS, default="ort-dynamic", help="default: %(default)s")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="avx2",
+                   help="target hardware: " + "; ".join(f"{p.name}: {p.why}" for p in PRESETS.values())
+                        + " (default: %(default)s)")
+    p.add_argument("--calibration", help=f"ort-static: source sentences, one a line (default: the first "
+                                         f"{CALIBRATION_LINES} lines of <data>/raw/train.<src>)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out model dir")
+    p.set_defaults(func=_quantize)
+    return p
+
+
+__all__ = ["quantize", "quantize_graph", "sqnr_per_matmul", "quantized_matmuls", "constant_weight_matmuls",
+           "CalibrationData", "QuantizeConfig", "QuantizeError", "PRESETS", "METHODS", "add_quantize_parser"]

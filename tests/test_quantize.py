@@ -1,0 +1,210 @@
+"""int8 of an exported model dir: exact int8 values and scales on a hand-made tensor, every constant-weight MatMul
+quantized, an SQNR floor per quantized MatMul, the quantized dir translating in the unchanged runtime, and the
+refusals (mismatched calibration text, an already-quantized dir, an existing --out)."""
+import argparse
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compress.quantize import (CalibrationData, QuantizeConfig, QuantizeError, add_quantize_parser, quantize,
+                               quantize_graph, sqnr_per_matmul)
+from export.runtime import Translator
+from export.search import SearchOptions
+from tests.conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
+
+SQNR_FLOOR = 20.0  # dB, per quantized MatMul (torchao's floor)
+
+# ---------------------------------------------------------------------------------------------- hand-made tensor
+
+# W [K=3, N=2]: per-channel = one scale per column (output channel); symmetric int8, zero point 0.
+W = np.array([[0.5, -2.0], [-1.27, 0.9], [0.254, 0.3]], dtype=np.float32)
+# computed by hand: scale = max|column| / 127 (range [-127, 127]); q = round(w / scale)
+#   column 0: 1.27 / 127 = 0.01 -> 0.5 / 0.01 = 50, -127, 25.4 -> 25
+#   column 1: 2.0 / 127        -> -127, 0.9 * 63.5 = 57.15 -> 57, 0.3 * 63.5 = 19.05 -> 19
+FULL = ([0.01, 2.0 / 127], [[50, -127], [-127, 57], [25, 19]])
+# reduce_range (avx2): range [-64, 64], scale = max|column| / 64
+#   column 0: 1.27 / 64 = 0.01984375 -> 0.5 / s = 25.197 -> 25, -64, 0.254 / s = 12.8 -> 13
+#   column 1: 2.0 / 64 = 0.03125     -> -64, 0.9 / s = 28.8 -> 29, 0.3 / s = 9.6 -> 10
+REDUCED = ([1.27 / 64, 2.0 / 64], [[25, -64], [-64, 29], [13, 10]])
+
+
+def _one_matmul(path):
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "one_matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                              [numpy_helper.from_array(W, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("preset, expected", [("avx512_vnni", FULL), ("arm64", FULL), ("avx2", REDUCED)])
+def test_int8_values_and_scales_on_a_hand_made_tensor(preset, expected, tmp_path):
+    _one_matmul(tmp_path / "fp32.onnx")
+    quantize_graph(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", QuantizeConfig("ort-dynamic", preset))
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert node.input[1] == "W_quantized" and node.input[3] == "W_zero_point"
+    scales, values = expected
+    assert weights["W_quantized"].dtype == np.int8
+    np.testing.assert_array_equal(weights["W_quantized"], np.array(values, dtype=np.int8))
+    np.testing.assert_allclose(weights["W_scale"], np.array(scales, dtype=np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(weights["W_zero_point"], np.zeros(2, dtype=np.int8))
+    assert "W" not in weights  # the fp32 weight is gone
+
+
+# ---------------------------------------------------------------------------------------------- a model dir
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An exported model dir (with ORT-format graphs) of a tiny LSRA trained for 5 updates (~30 s), and its data."""
+    from export.exporter import export
+    from lite.corpus import write_default_corpus
+    from lite.data import prepare
+    from lite.train import load_config, train
+
+    root = tmp_path_factory.mktemp("quantize")
+    write_default_corpus(root / "text")
+    prepare(root / "text", root / "data", vocab_size=1000)
+    config = load_config(TINY_CONFIG, [f"data={root / 'data'}", f"save_dir={root / 'ck'}", "max_update=5"])
+    assert train(config) == 0
+    export(root / "ck" / "checkpoint_last.pt", root / "fp32", ort=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dynamic(workdir):
+    return quantize(workdir / "fp32", workdir / "dynamic")
+
+
+@pytest.fixture(scope="module")
+def static(workdir):
+    return quantize(workdir / "fp32", workdir / "static", method="ort-static")  # lines from <data>/raw/train.de
+
+
+def _lines(workdir, split, count):
+    return (workdir / "data" / "raw" / f"{split}.de").read_text(encoding="utf-8").splitlines()[:count]
+
+
+def _count_fp32_constant_matmuls(path):
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer}
+    return sum(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_every_constant_weight_matmul_is_quantized(method, workdir, request):
+    out = request.getfixturevalue(method)
+    entry = json.loads((out / "model.json").read_text())["quantization"]
+    for graph in ("encoder", "decoder_step"):
+        expected = _count_fp32_constant_matmuls(workdir / "fp32" / f"{graph}.onnx")
+        model = onnx.load(str(out / f"{graph}.onnx"))
+        producers = {o: n for n in model.graph.node for o in n.output}
+        weights = {i.name for i in model.graph.initializer}
+        if method == "dynamic":
+            quantized = sum(n.op_type == "MatMulInteger" for n in model.graph.node)
+        else:  # QDQ: the MatMul's B is DequantizeLinear(int8 initializer)
+            quantized = sum(n.op_type == "MatMul" and producers.get(n.input[1]) is not None
+                            and producers[n.input[1]].op_type == "DequantizeLinear"
+                            and producers[n.input[1]].input[0] in weights for n in model.graph.node)
+        assert expected > 0 and quantized == expected, (graph, quantized, expected)
+        assert entry["quantized"][graph]["MatMul"] == expected
+        # activation x activation MatMuls (attention) stay fp32
+        assert sum(n.op_type == "MatMul" and n.input[1] not in weights
+                   and getattr(producers.get(n.input[1]), "op_type", None) != "DequantizeLinear"
+                   for n in model.graph.node) > 0
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_sqnr_per_quantized_matmul(method, workdir, request):
+    out = request.getfixturevalue(method)
+    data = CalibrationData(workdir / "fp32", _lines(workdir, "test", 32))  # not the calibration lines
+    for graph in ("encoder", "decoder_step"):
+        sqnr = sqnr_per_matmul(workdir / "fp32" / f"{graph}.onnx", out / f"{graph}.onnx", data.feeds(graph))
+        assert len(sqnr) == _count_fp32_constant_matmuls(workdir / "fp32" / f"{graph}.onnx")
+        worst = min(sqnr, key=sqnr.get)
+        print(f"SQNR {method} {graph}: {min(sqnr.values()):.1f} .. {max(sqnr.values()):.1f} dB over {len(sqnr)} "
+              f"MatMuls (worst {worst})")
+        assert sqnr[worst] >= SQNR_FLOOR, (worst, sqnr[worst])
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_quantized_dir_translates_in_the_runtime(method, workdir, request):
+    out = request.getfixturevalue(method)
+    description = json.loads((out / "model.json").read_text())
+    entry = description["quantization"]
+    assert entry["method"] == f"ort-{method}" and entry["preset"] == "avx2" and entry["per_channel"]
+    size = entry["bytes"]
+    print(f"bytes {method}: " + ", ".join(f"{g} {s['before']:,} -> {s['after']:,}" for g, s in size.items()))
+    assert size["total"]["after"] < size["total"]["before"]
+    assert set(description["files"]) >= {"encoder.onnx", "decoder_step.onnx", "spm.model", "vocab.txt"}
+    assert any(name.startswith("ort/") for name in description["files"])  # remade from the int8 graphs
+    lines = [*_lines(workdir, "test", 5), "", "Ein Hund läuft."]
+    for format in ("onnx", "ort"):
+        outputs = Translator(out, SearchOptions(beam=2), format=format).translate(lines)
+        assert len(outputs) == len(lines) and outputs[5] == ""
+        assert all(outputs[i] for i in (0, 1, 2, 3, 4, 6))
+
+
+def test_static_calibration_reads_the_training_text(static, workdir):
+    entry = json.loads((static / "model.json").read_text())["quantization"]
+    assert entry["calibration"]["source"] == str(workdir / "data" / "raw" / "train.de")
+    assert entry["calibration"]["lines"] > 100 and entry["calibration"]["unk_fraction"] < 0.05
+
+
+def test_mismatched_calibration_text_is_refused(workdir, tmp_path):
+    greek = ["αβγδ εζηθ ικλμ νξοπ"] * 20
+    with pytest.raises(QuantizeError, match=r"100% of the .* pieces .* are unknown to .*vocab.txt.*train.de"):
+        quantize(workdir / "fp32", tmp_path / "out", method="ort-static", calibration_lines=greek)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_already_quantized_dir_is_refused(dynamic, tmp_path):
+    with pytest.raises(QuantizeError, match="has a 'quantization' entry.*already quantized"):
+        quantize(dynamic, tmp_path / "again")
+    unmarked = tmp_path / "unmarked"  # no entry in model.json, but the graphs hold int8 ops
+    shutil.copytree(dynamic, unmarked)
+    description = json.loads((unmarked / "model.json").read_text())
+    del description["quantization"]
+    (unmarked / "model.json").write_text(json.dumps(description))
+    with pytest.raises(QuantizeError, match="encoder.onnx holds .*MatMulInteger.*already quantized"):
+        quantize(unmarked, tmp_path / "again")
+
+
+def test_existing_out_dir_needs_force(workdir, dynamic, tmp_path):
+    with pytest.raises(QuantizeError, match="--force"):
+        quantize(workdir / "fp32", dynamic)
+    with pytest.raises(QuantizeError, match="is the model dir itself"):
+        quantize(workdir / "fp32", workdir / "fp32", force=True)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("x")
+    with pytest.raises(QuantizeError, match="not a model dir"):
+        quantize(workdir / "fp32", notes, force=True)
+    replaced = quantize(workdir / "fp32", tmp_path / "q", preset="arm64")
+    assert quantize(workdir / "fp32", replaced, preset="avx512_vnni", force=True) == replaced
+    assert json.loads((replaced / "model.json").read_text())["quantization"]["preset"] == "avx512_vnni"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "q"]  # no staging dir left behind
+
+
+def test_options_are_checked_all_at_once():
+    with pytest.raises(QuantizeError, match="method 'int4'.*; preset 'tpu'"):
+        QuantizeConfig("int4", "tpu")
+
+
+def test_cli(workdir, capsys, tmp_path):
+    parser = argparse.ArgumentParser(prog="lite compress")
+    add_quantize_parser(parser.add_subparsers(dest="action", required=True))
+    args = parser.parse_args(["quantize", str(workdir / "fp32"), "--out", str(tmp_path / "q"), "--preset",
+                              "avx512_vnni"])
+    assert args.func(args) == 0
+    assert "int8 MatMul/Gemm: encoder" in capsys.readouterr().out
+    args = parser.parse_args(["quantize", str(workdir / "fp32"), "--out", str(tmp_path / "q")])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.startswith("lite compress quantize: error: ")
