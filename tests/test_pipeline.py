@@ -83,3 +83,32 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(workdir, trained, tmp_pa
 def test_eval_names_the_valid_splits(trained):
     cli = run([*LITE, "eval", "--checkpoint", str(trained), "--split", "test2099"])
     assert cli.returncode == 2 and "its splits: train, valid, test" in cli.stderr
+
+
+def _fairseq_children(marker: str) -> list[int]:
+    """PIDs of fairseq-train processes whose command line names ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "fairseq_cli.train" in cmdline and marker in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_stopping_lite_train_stops_fairseq_train(workdir, tmp_path):
+    import signal
+    import time
+
+    save_dir = tmp_path / "stopped"
+    proc = subprocess.Popen([*LITE, "train", str(TINY_CONFIG), f"data={workdir / 'data'}", f"save_dir={save_dir}",
+                             "max_update=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not _fairseq_children(str(save_dir)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _fairseq_children(str(save_dir)), "fairseq-train did not start"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not _fairseq_children(str(save_dir))
