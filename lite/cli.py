@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="BLEU and chrF (sacrebleu) on a split of the prepared data")
     _add_generation_args(p)
     p.add_argument("--split", required=True, help="a split of the data dir, e.g. test2016")
-    p.add_argument("--out", help="where hypotheses and scores go (default: <checkpoint dir>/eval)")
+    p.add_argument("--out", help="where results go (default: <checkpoint dir>/eval; onnx: <model dir>.eval)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
 

@@ -60,8 +60,9 @@ def evaluate(checkpoint: str | Path, split: str, data: str | Path | None = None,
     hypotheses = translator.translate(sources)
     seconds = time.perf_counter() - start
 
-    default_dir = Path(checkpoint).resolve() if backend == "onnx" else Path(checkpoint).resolve().parent
-    out_dir = Path(out_dir) if out_dir else default_dir / "eval"
+    path = Path(checkpoint).resolve()  # a model dir stays as exported (its files are hashed): results go beside it
+    out_dir = Path(out_dir) if out_dir else path.with_name(path.name + ".eval") if backend == "onnx" else \
+        path.parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     hypotheses_path = out_dir / f"{split}.hyp.{corpus.tgt}"
     write_text(hypotheses_path, hypotheses)
