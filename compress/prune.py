@@ -727,7 +727,7 @@ def _prune(args: argparse.Namespace) -> int:
     for kind, reason in report["skipped_kinds"].items():
         print(f"  not pruned: {kind}: {reason}")
     print(f"fine-tune: lite train CONFIG data=... save_dir=... --finetune-from {report['checkpoint']} "
-          f"{' '.join(report['finetune_overrides'])}")
+          f"(the pruned dims come from the checkpoint)")
     return 0
 
 
