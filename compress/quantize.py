@@ -60,7 +60,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Sequence
 
 import numpy as np
 
-from export.runtime import GRAPHS, ModelDirError, Translator, _sha256, load_description
+from export.runtime import GRAPHS, ModelDirError, Translator, load_description, sha256, write_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def _summary(config: QuantizeConfig, model_dir: Path, staging: Path, counts: dic
             "weights": "int8 symmetric" + (", 7-bit (reduce_range)" if preset.reduce_range else ""),
             "activations": activations, "quantized": counts, "bytes": size,
             **({"calibration": calibration} if calibration else {}),
-            "source": {"dir": str(model_dir.resolve()), "model_json_sha256": _sha256(model_dir / "model.json")},
+            "source": {"dir": str(model_dir.resolve()), "model_jsonsha256": sha256(model_dir / "model.json")},
             "onnxruntime": onnxruntime.__version__}
 
 
@@ -447,14 +447,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
             _to_ort(staging)
         opset = next(o.version for o in onnx.load(str(staging / "encoder.onnx")).opset_import
                      if o.domain in ("", "ai.onnx"))
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
         new = {**description, "opset": opset,
-               "quantization": _summary(config, model_dir, staging, counts, calibration_entry),
-               "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
-        (staging / "model.json").write_text(json.dumps(new, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+               "quantization": _summary(config, model_dir, staging, counts, calibration_entry)}
+        write_model_dir(staging, out, new)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

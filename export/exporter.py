@@ -13,8 +13,6 @@ validated against PyTorch (export/validate.py) before the dir is moved into plac
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -25,25 +23,16 @@ from typing import Dict, List
 import torch
 
 from export.graphs import DecoderStep, Encoder, StateSpec, initial_states, memory_names, state_specs
+from export.runtime import FORMAT, GRAPHS, sha256, write_model_dir
 from export.validate import ExportMismatch, onnx_runner, sources, validate
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-FORMAT = 1  # model.json format version
-GRAPHS = ("encoder", "decoder_step")
 
 
 class ExportError(ValueError):
     """A model or model dir that cannot be exported or loaded; the message names the file and the problem."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _io_names(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, List[str]]]:
@@ -173,19 +162,14 @@ def export(checkpoint: str | Path, out: str | Path, data: str | Path | None = No
         data_dir = Path(task.cfg.data)
         shutil.copy(data_dir / SPM_MODEL, staging / "spm.model")
         (staging / "vocab.txt").write_text("".join(s + "\n" for s in dictionary.symbols), encoding="utf-8")
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
         description = {
             "format": FORMAT, "opset": OPSET, "arch": model.args.arch, "checkpoint": str(Path(checkpoint).resolve()),
             "data": str(data_dir.resolve()), "src": task.cfg.source_lang, "tgt": task.cfg.target_lang,
             "bos": dictionary.bos(), "pad": dictionary.pad(), "eos": dictionary.eos(), "unk": dictionary.unk(),
             "vocab_size": len(dictionary), "max_source_positions": model.encoder.max_positions(),
             "max_target_positions": model.decoder.max_positions(), **description, "slim": slim, "validation": reports,
-            "files": {str(p.relative_to(staging)): sha256(p) for p in files},
         }
-        (staging / "model.json").write_text(json.dumps(description, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        write_model_dir(staging, out, description)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ class ModelDirError(ValueError):
     """A model dir that cannot be used: a missing, altered or mismatched file; the message names it."""
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -55,9 +56,20 @@ def load_description(model_dir: Path) -> dict:
         file = model_dir / name
         if not file.is_file():
             raise ModelDirError(f"{model_dir}: {name} is missing")
-        if _sha256(file) != digest:
+        if sha256(file) != digest:
             raise ModelDirError(f"{model_dir}: {name} does not match its sha256 in model.json (altered or corrupt)")
     return description
+
+
+def write_model_dir(staging: Path, out: Path, description: dict) -> None:
+    """The writing side of ``load_description``: hash every file of ``staging`` into ``description["files"]``,
+    write model.json, then move ``staging`` to ``out`` (replacing it)."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "model.json")
+    description["files"] = {str(p.relative_to(staging)): sha256(p) for p in files}
+    (staging / "model.json").write_text(json.dumps(description, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
 
 
 @dataclass(frozen=True)
