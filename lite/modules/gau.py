@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
+from lite.modules.incremental import reorder_batch_first
+
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
 
@@ -260,10 +262,7 @@ class GAU(nn.Module):
         return y, key, value
 
     def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor):
-        for name in STATE_NAMES:
-            tensor = self.get_incremental_state(incremental_state, name)
-            if tensor is not None:
-                self.set_incremental_state(incremental_state, name, tensor.index_select(0, new_order))
+        reorder_batch_first(self, incremental_state, STATE_NAMES, new_order)
 
     # ---------------------------------------------------------------- readable definition
 
