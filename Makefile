@@ -7,6 +7,10 @@ TORCH := torch==2.13.0
 # fairseq's own requirements, installed first: its torchaudio pin would pull another (multi-GB) torch
 FAIRSEQ_DEPS := cffi cython hydra-core==1.3.2 omegaconf==2.3.0 regex bitarray scikit-learn tqdm
 FAIRSEQ := fairseq-fixed==0.12.3.1
+# Intel Neural Compressor for ONNX Runtime: its metadata pins numpy<2, so it goes in without its dependencies,
+# then the packages it imports (transformers: onnx_model.py imports it at the top)
+INC := onnx-neural-compressor==1.0
+INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
 TEST_DEPS := pytest
 DEMO := runs/demo
 
@@ -19,6 +23,8 @@ $(STAMP): setup.py Makefile
 	$(BIN)/pip install $(TORCH) $(FAIRSEQ_DEPS) $(TEST_DEPS)
 	$(BIN)/pip install --no-deps --no-build-isolation $(FAIRSEQ)
 	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps $(INC)
+	$(BIN)/pip install $(INC_DEPS)
 	touch $(STAMP)
 
 demo: $(STAMP)

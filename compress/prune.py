@@ -755,8 +755,9 @@ def add_prune_parser(actions) -> argparse.ArgumentParser:
 
 def register_cli(subparsers):
     """Add ``lite compress`` (with its ``prune`` action) to ``lite``'s subparsers; returns the compress actions'
-    subparsers, for other compress actions (quantize) to add themselves. Handlers: ``args.func(args) -> exit code``."""
-    compress = subparsers.add_parser("compress", help="pruning to a budget, quantization")
+    subparsers, for other compress actions (quantize, report) to add themselves. Handlers: ``args.func(args) -> exit
+    code``."""
+    compress = subparsers.add_parser("compress", help="pruning to a budget, quantization, size report")
     actions = compress.add_subparsers(dest="action", required=True)
     add_prune_parser(actions)
     return actions

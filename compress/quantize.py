@@ -1,7 +1,7 @@
 """Post-training int8 quantization of an exported model dir with ONNX Runtime: ``lite compress quantize``.
 
-    lite compress quantize runs/export/lsra --out runs/export/lsra-int8 [--method ort-dynamic|ort-static]
-        [--preset avx2|avx512_vnni|arm64] [--calibration FILE] [--force]
+    lite compress quantize runs/export/lsra --out runs/export/lsra-int8 [--method ort-dynamic|ort-static|inc-tune]
+        [--preset avx2|avx512_vnni|arm64] [--calibration FILE] [--max-bleu-drop 0.3 [--allow-loss]] [--force]
     lite translate --backend onnx --model runs/export/lsra-int8      # the same runtime, nothing to change
 
 The output is a complete model dir (export/runtime.py's ``Translator`` loads it as it loads the fp32 one): the two
@@ -23,6 +23,11 @@ Methods
                            dictionary mostly does not know (> 50% of their pieces unk) are refused: a mismatch.
                            MatMul outputs stay fp32 (``OpTypesToExcludeOutputQuantization``): they feed the bias
                            Add, which is fp32, so a Q/DQ there would only add rounding.
+    inc-tune               Intel Neural Compressor's accuracy-aware autotune (``compress.inc``): dynamic, static,
+                           SmoothQuant+static and dynamic with the output projection in fp32, tried in turn per
+                           graph until BLEU on a held-out slice (default: the first lines of the valid split) is
+                           within ``--max-bleu-drop`` of fp32. Calibration as ort-static. When no config meets it,
+                           the best is written all the same and the command exits 3, unless ``--allow-loss``.
 
 What is quantized, and what is not (on purpose)
     quantized   every MatMul whose B is a constant weight, i.e. every nn.Linear: attention q/k/v/out projections,
@@ -64,8 +69,9 @@ from export.runtime import GRAPHS, ModelDirError, Translator, load_description, 
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ort-dynamic", "ort-static")
+METHODS = ("ort-dynamic", "ort-static", "inc-tune")
 CALIBRATION_LINES = 256  # lines of <data>/raw/train.<src> when none are given
+HELDOUT_LINES = 300  # inc-tune: valid lines scored with BLEU per trial
 CALIBRATION_BATCH = 16  # sentences per calibration batch (encoder run + greedy decoding steps)
 MAX_UNK = 0.5  # calibration lines with more unknown pieces than this are another language/vocabulary
 # op types that only a quantized graph has: a model dir holding any of them is refused
@@ -76,6 +82,10 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
 
 class QuantizeError(ValueError):
     """A model dir, option or calibration set that cannot be quantized as asked; the message names it and the fix."""
+
+
+class CriterionNotMet(QuantizeError):
+    """inc-tune found no config within ``--max-bleu-drop``; the best one was written all the same."""
 
 
 @dataclass(frozen=True)
@@ -393,12 +403,30 @@ def _summary(config: QuantizeConfig, model_dir: Path, staging: Path, counts: dic
             "onnxruntime": onnxruntime.__version__}
 
 
+def heldout_lines(description: dict, count: int = HELDOUT_LINES) -> tuple[List[str], List[str]]:
+    """The first ``count`` (source, reference) lines of the valid split of the data dir model.json names."""
+    raw = Path(description["data"]) / "raw"
+    paths = [raw / f"valid.{description[k]}" for k in ("src", "tgt")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise QuantizeError(f"inc-tune scores BLEU on held-out text: {', '.join(missing)} (model.json 'data') does "
+                            f"not exist; pass --eval-source and --eval-reference")
+    sources, references = ([line.rstrip("\n") for _, line in zip(range(count), open(p, encoding="utf-8"))]
+                           for p in paths)
+    return sources, references
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dynamic", preset: str = "avx2",
-             calibration_lines: Sequence[str] | None = None, force: bool = False) -> Path:
+             calibration_lines: Sequence[str] | None = None, force: bool = False, max_bleu_drop: float = 0.3,
+             heldout: tuple[Sequence[str], Sequence[str]] | None = None, allow_loss: bool = False,
+             eval_lines: int = HELDOUT_LINES) -> Path:
     """int8 of a model dir (``lite export``) -> a new model dir at ``out_dir``; returns ``out_dir``.
 
-    ``calibration_lines``: source sentences for ``ort-static`` (default: the first ``CALIBRATION_LINES`` of the
-    training text model.json names); ignored by ``ort-dynamic``.
+    ``calibration_lines``: source sentences for ``ort-static`` and ``inc-tune`` (default: the first
+    ``CALIBRATION_LINES`` of the training text model.json names). ``inc-tune`` only: ``heldout`` (sources,
+    references) scored with BLEU (default: the first ``eval_lines`` of ``heldout_lines``), ``max_bleu_drop``, and
+    ``allow_loss``: without it a tuning that meets no criterion raises ``CriterionNotMet`` after writing the best
+    model dir.
     """
     import onnx
 
@@ -412,8 +440,13 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
         raise QuantizeError(f"{out} exists and is not a model dir; choose another --out")
     if out.exists() and not force:
         raise QuantizeError(f"{out} already holds a model; pass --force to replace it")
+    if method == "inc-tune":
+        sources, references = heldout if heldout is not None else heldout_lines(description, eval_lines)
+        if len(sources) != len(references) or not sources:
+            raise QuantizeError(f"held-out text: {len(sources)} source and {len(references)} reference lines; "
+                                f"give the same number, at least one")
     calibration, calibration_entry = None, None
-    if config.method == "ort-static":
+    if config.method in ("ort-static", "inc-tune"):
         source = "calibration lines"
         if calibration_lines is None:
             calibration_lines, path = default_calibration_lines(description)
@@ -423,12 +456,20 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
                              "unk_fraction": round(calibration.unk_fraction, 4), "method": "MinMax"}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tuned = None
     try:
+        if config.method == "inc-tune":
+            from compress.inc import tune
+
+            nodes = {g: constant_weight_matmuls(onnx.load(str(model_dir / f"{g}.onnx"))) for g in GRAPHS}
+            tuned = tune(model_dir, staging, nodes, PRESETS[config.preset],
+                         lambda g: _Reader(calibration, g), list(sources), list(references), max_bleu_drop)
         counts = {}
         for graph in GRAPHS:
             target = staging / f"{graph}.onnx"
-            reader = _Reader(calibration, graph) if calibration else None
-            quantize_graph(model_dir / f"{graph}.onnx", target, config, reader)
+            if tuned is None:
+                reader = _Reader(calibration, graph) if calibration else None
+                quantize_graph(model_dir / f"{graph}.onnx", target, config, reader)
             onnx.checker.check_model(str(target))
             float_model, model = onnx.load(str(model_dir / f"{graph}.onnx")), onnx.load(str(target))
             nodes = quantized_matmuls(model)
@@ -447,8 +488,10 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
             _to_ort(staging)
         opset = next(o.version for o in onnx.load(str(staging / "encoder.onnx")).opset_import
                      if o.domain in ("", "ai.onnx"))
-        new = {**description, "opset": opset,
-               "quantization": _summary(config, model_dir, staging, counts, calibration_entry)}
+        summary = _summary(config, model_dir, staging, counts, calibration_entry)
+        if tuned is not None:
+            summary["tuning"] = {"max_bleu_drop": max_bleu_drop, "heldout_lines": len(sources), **tuned.as_dict()}
+        new = {**description, "opset": opset, "quantization": summary}
         write_model_dir(staging, out, new)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -456,21 +499,35 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
     size = new["quantization"]["bytes"]["total"]
     logger.info(f"quantized {model_dir} to {out} ({config.method}, {config.preset}): {size['before']:,} -> "
                 f"{size['after']:,} bytes")
+    if tuned is not None and not tuned.met and not allow_loss:
+        raise CriterionNotMet(f"no config kept BLEU within {max_bleu_drop} of fp32 ({tuned.fp32_bleu}): the best, "
+                              f"BLEU {tuned.bleu}, is written to {out}; pass --allow-loss to accept it")
     return out
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+def _read_lines(path: str, flag: str) -> List[str]:
+    if not Path(path).is_file():
+        raise QuantizeError(f"{flag} {path}: no such file")
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
 def _quantize(args: argparse.Namespace) -> int:
     try:
-        lines = None
-        if args.calibration:
-            path = Path(args.calibration)
-            if not path.is_file():
-                raise QuantizeError(f"--calibration {path}: no such file")
-            lines = path.read_text(encoding="utf-8").splitlines()
+        if (args.eval_source is None) != (args.eval_reference is None):
+            raise QuantizeError("--eval-source and --eval-reference go together")
+        lines = _read_lines(args.calibration, "--calibration") if args.calibration else None
+        heldout = None
+        if args.eval_source:
+            heldout = tuple(_read_lines(p, f)[:args.eval_lines] for p, f in
+                            ((args.eval_source, "--eval-source"), (args.eval_reference, "--eval-reference")))
         out = quantize(args.model_dir, args.out, method=args.method, preset=args.preset, calibration_lines=lines,
-                       force=args.force)
+                       force=args.force, max_bleu_drop=args.max_bleu_drop, heldout=heldout,
+                       allow_loss=args.allow_loss, eval_lines=args.eval_lines)
+    except CriterionNotMet as e:
+        print(f"lite compress quantize: {e}", file=sys.stderr)
+        return 3
     except (QuantizeError, ModelDirError) as e:
         print(f"lite compress quantize: error: {e}", file=sys.stderr)
         return 2
@@ -480,6 +537,11 @@ def _quantize(args: argparse.Namespace) -> int:
                        for g, c in entry["quantized"].items())
     print(f"{out}: {entry['method']} ({entry['preset']}), int8 MatMul/Gemm: {counts}; graphs {size['before']:,} -> "
           f"{size['after']:,} bytes ({size['after'] / size['before']:.0%})")
+    if "tuning" in entry:
+        t = entry["tuning"]
+        chosen = ", ".join(f"{g} {v['chosen']}" for g, v in t["graphs"].items())
+        print(f"inc-tune: BLEU fp32 {t['fp32_bleu']} -> {t['bleu']} on {t['heldout_lines']} held-out lines "
+              f"(criterion >= {t['threshold']}: {'met' if t['met'] else 'NOT met'}); chosen: {chosen}")
     return 0
 
 
@@ -495,10 +557,19 @@ def add_quantize_parser(actions) -> argparse.ArgumentParser:
                         + " (default: %(default)s)")
     p.add_argument("--calibration", help=f"ort-static: source sentences, one a line (default: the first "
                                          f"{CALIBRATION_LINES} lines of <data>/raw/train.<src>)")
+    p.add_argument("--max-bleu-drop", type=float, default=0.3,
+                   help="inc-tune: BLEU the int8 model may lose on the held-out text (default: %(default)s)")
+    p.add_argument("--allow-loss", action="store_true",
+                   help="inc-tune: when no config meets --max-bleu-drop, keep the best and exit 0 (else exit 3)")
+    p.add_argument("--eval-source", help="inc-tune: held-out source sentences (default: <data>/raw/valid.<src>)")
+    p.add_argument("--eval-reference", help="inc-tune: their references (default: <data>/raw/valid.<tgt>)")
+    p.add_argument("--eval-lines", type=int, default=HELDOUT_LINES,
+                   help="inc-tune: held-out lines scored per trial (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing --out model dir")
     p.set_defaults(func=_quantize)
     return p
 
 
 __all__ = ["quantize", "quantize_graph", "sqnr_per_matmul", "quantized_matmuls", "constant_weight_matmuls",
-           "CalibrationData", "QuantizeConfig", "QuantizeError", "PRESETS", "METHODS", "add_quantize_parser"]
+           "CalibrationData", "QuantizeConfig", "QuantizeError", "CriterionNotMet", "PRESETS", "METHODS",
+           "add_quantize_parser", "heldout_lines"]

@@ -1,4 +1,4 @@
-"""The ``lite`` command: data, train, translate, eval, macs, export."""
+"""The ``lite`` command: data, train, translate, eval, macs, export, compress."""
 from __future__ import annotations
 
 import argparse
@@ -149,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from compress.prune import register_cli as register_compress
     from compress.quantize import add_quantize_parser
+    from compress.report import add_report_parser
     from eval.macs import register_cli as register_macs
 
-    add_quantize_parser(register_compress(sub))
+    compress_actions = register_compress(sub)
+    add_quantize_parser(compress_actions)
+    add_report_parser(compress_actions)
 
     register_macs(sub)
     return parser

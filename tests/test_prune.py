@@ -334,6 +334,15 @@ def test_finetuning_the_pruned_checkpoint_keeps_its_dims(pruned, tmp_path):
         assert getattr(state["cfg"]["model"], arg) == report["dims_after"][arg]
 
 
+def test_the_pruned_checkpoint_exports_and_passes_export_validation(pruned, tmp_path):
+    from export.exporter import export
+
+    _, report = pruned
+    model_dir = export(report["checkpoint"], tmp_path / "onnx")  # raises ExportMismatch past 1e-4
+    validation = json.loads((model_dir / "model.json").read_text())["validation"]["onnx"]
+    assert validation["cases"] > 0 and validation["max_abs_diff"] <= validation["atol"] == 1e-4
+
+
 def test_cli_prunes_with_taylor_on_the_training_data_and_refuses_bad_budgets(briefly_trained, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="lite")
     P.register_cli(parser.add_subparsers(dest="command", required=True))

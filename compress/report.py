@@ -1,0 +1,298 @@
+"""What each compression stage costs and gains: ``lite compress report``.
+
+    lite compress report fp32=runs/export/lsra pruned=runs/export/lsra-pruned finetuned=runs/export/lsra-ft \\
+        int8=runs/export/lsra-ft-int8 --split test2016 --out runs/report/lsra
+
+Every stage is a model dir (``lite export``, ``lite compress quantize``). Per stage:
+    macs, decode_macs_beam4   the paper's protocol (30+30 tokens, layers only) and the cost of translating one such
+                              sentence with beam 4 (``eval.macs``), measured on the checkpoint the dir was exported
+                              from (an int8 dir: on its fp32 source's checkpoint; int8 does not change the MACs)
+    params, params_no_embed   of that checkpoint, shared tensors once
+    bytes.dir                 every file of the model dir (graphs, spm.model, vocab.txt, model.json)
+    bytes.weights             tensors stored in the graphs (initializers and Constants), split into
+                              ``embedding`` (a dimension equal to the vocabulary: token embeddings, the output
+                              projection and its scales), ``positions`` (sinusoidal tables, a dimension equal to the
+                              position count) and ``other`` = the non-embedding weights
+    bleu                      ONNX Runtime translator, beam 4, on ``--split`` of the data model.json names
+
+Storage-only options, reported separately (``storage``), each with the bytes it would take on disk and the BLEU of
+the graphs with their tensors round-tripped through that storage (stored, then expanded again at load time):
+    shared            identical tensors of the two graphs stored once (the tied embedding, the position table)
+                      and the output projection stored as its transpose's twin when it is the embedding transposed
+    shared+fp16-embed the above, embedding-class tensors in fp16
+    shared+int8-embed the above, embedding-class fp32 tensors in int8, one scale per vocabulary row
+    zip               the model dir in a zip archive (deflate), nothing else changed
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+
+from export.runtime import GRAPHS, ModelDirError, Translator, load_description, write_model_dir
+from export.search import SearchOptions
+
+logger = logging.getLogger(__name__)
+
+
+class ReportError(ValueError):
+    """A stage that cannot be reported; the message names it."""
+
+
+@dataclass
+class WeightBytes:
+    embedding: int = 0
+    positions: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.positions + self.other
+
+
+@dataclass
+class Stage:
+    name: str
+    model_dir: str
+    checkpoint: str
+    quantization: str  # "fp32" or the method
+    macs: int
+    decode_macs_beam4: int
+    params: int
+    params_no_embed: int
+    bytes_dir: int
+    weights: WeightBytes
+    bleu: float | None
+    storage: Dict[str, dict] = field(default_factory=dict)  # option -> {"bytes": ..., "bleu": ...}
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+def _tensors(model) -> Iterator[Tuple[str, object]]:
+    """(name, TensorProto) of every stored tensor of a graph: initializers and Constant nodes' values."""
+    for t in model.graph.initializer:
+        yield t.name, t
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    yield n.output[0], a.t
+
+
+def _kind(dims: Tuple[int, ...], description: dict) -> str:
+    positions = {description["max_source_positions"], description["max_target_positions"]}
+    if description["vocab_size"] in dims:
+        return "embedding"
+    if any(d - description["pad"] - 1 in positions for d in dims):  # fairseq's sinusoidal table: max + pad + 1 rows
+        return "positions"
+    return "other"
+
+
+def weight_bytes(model_dir: Path, description: dict) -> WeightBytes:
+    """Bytes of the tensors stored in the graphs, by kind (see the module doc)."""
+    import onnx
+    from onnx import numpy_helper
+
+    found = WeightBytes()
+    for graph in GRAPHS:
+        for _, t in _tensors(onnx.load(str(model_dir / f"{graph}.onnx"))):
+            kind = _kind(tuple(t.dims), description)
+            setattr(found, kind, getattr(found, kind) + numpy_helper.to_array(t).nbytes)
+    return found
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes() + str((array.dtype, array.shape)).encode()).hexdigest()
+
+
+def _storage_variant(model_dir: Path, description: dict, embed: str | None, out: Path) -> int:
+    """Write graphs whose tensors went through the storage option into ``out`` (fp32 again, for the runtime); return
+    the bytes that storage takes: every distinct tensor once (a transposed twin counts as the same), embedding-class
+    fp32 tensors in ``embed`` ("fp16" | "int8" with one fp32 scale per vocabulary row | None = as they are)."""
+    import onnx
+    from onnx import numpy_helper
+
+    stored: Dict[str, int] = {}
+    for graph in GRAPHS:
+        model = onnx.load(str(model_dir / f"{graph}.onnx"))
+        for _, t in _tensors(model):
+            array = numpy_helper.to_array(t)
+            kind = _kind(tuple(t.dims), description)
+            if kind == "embedding" and embed and array.dtype == np.float32 and array.ndim == 2:
+                rows = 0 if array.shape[0] == description["vocab_size"] else 1  # the vocabulary axis
+                if embed == "fp16":
+                    restored, size = array.astype(np.float16).astype(np.float32), array.size * 2
+                else:  # symmetric int8, one scale per vocabulary entry
+                    scale = np.abs(array).max(axis=1 - rows, keepdims=True) / 127
+                    scale[scale == 0] = 1
+                    restored = (np.round(array / scale).clip(-127, 127) * scale).astype(np.float32)
+                    size = array.size + 4 * array.shape[rows]
+                t.CopyFrom(numpy_helper.from_array(restored, t.name))
+            else:
+                restored, size = array, array.nbytes
+            twins = {_digest(restored), _digest(restored.T) if restored.ndim == 2 else _digest(restored)}
+            if not twins & stored.keys():
+                stored[_digest(restored)] = size
+        onnx.save(model, str(out / f"{graph}.onnx"))
+    return sum(stored.values())
+
+
+def _zip_bytes(model_dir: Path) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "model.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+            for p in sorted(model_dir.rglob("*")):
+                if p.is_file():
+                    z.write(p, p.relative_to(model_dir))
+        return archive.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def source_checkpoint(model_dir: Path, description: dict) -> Path:
+    """The checkpoint the dir's graphs were exported from (an int8 dir: its fp32 source's)."""
+    seen = set()
+    while "quantization" in description:
+        source = Path(description["quantization"]["source"]["dir"])
+        if source in seen or not (source / "model.json").is_file():
+            break
+        seen.add(source)
+        description = json.loads((source / "model.json").read_text())
+    return Path(description["checkpoint"])
+
+
+def _bleu(model_dir: Path, sources: List[str], references: List[str]) -> float:
+    from sacrebleu.metrics import BLEU
+
+    hypotheses = Translator(model_dir, SearchOptions(beam=4)).translate(sources)
+    return round(BLEU().corpus_score(hypotheses, [references]).score, 2)
+
+
+def _split(description: dict, split: str) -> Tuple[List[str], List[str]]:
+    raw = Path(description["data"]) / "raw"
+    paths = [raw / f"{split}.{description[k]}" for k in ("src", "tgt")]
+    for p in paths:
+        if not p.is_file():
+            raise ReportError(f"--split {split}: {p} (model.json 'data') does not exist")
+    return tuple(p.read_text(encoding="utf-8").splitlines() for p in paths)
+
+
+def measure_stage(name: str, model_dir: str | Path, split: str | None, storage: bool = True) -> Stage:
+    from eval.macs import measure
+    from lite.translate import load_checkpoint
+
+    model_dir = Path(model_dir)
+    description = load_description(model_dir)
+    checkpoint = source_checkpoint(model_dir, description)
+    if not checkpoint.is_file():
+        raise ReportError(f"{name}: checkpoint {checkpoint} (from {model_dir}/model.json) is gone; MACs and params "
+                          f"are measured on it")
+    model, _ = load_checkpoint(checkpoint)
+    cost = measure(model, description["arch"])
+    sources, references = _split(description, split) if split else (None, None)
+    stage = Stage(name, str(model_dir), str(checkpoint), description.get("quantization", {}).get("method", "fp32"),
+                  cost.macs, cost.decode_macs_beam4, cost.params, cost.params_no_embed,
+                  sum((model_dir / f).stat().st_size for f in [*description["files"], "model.json"]),
+                  weight_bytes(model_dir, description), _bleu(model_dir, sources, references) if split else None)
+    if storage:
+        for option, embed in (("shared", None), ("shared+fp16-embed", "fp16"), ("shared+int8-embed", "int8")):
+            with tempfile.TemporaryDirectory() as tmp:
+                staging, out = Path(tmp) / "staging", Path(tmp) / "dir"
+                staging.mkdir()
+                for f in description["files"]:
+                    if f not in {f"{g}.onnx" for g in GRAPHS} and not f.startswith("ort/"):
+                        shutil.copy2(model_dir / f, staging / f)
+                size = _storage_variant(model_dir, description, embed, staging)
+                write_model_dir(staging, out, {k: v for k, v in description.items() if k != "files"})
+                stage.storage[option] = {"weight_bytes": size,
+                                         "bleu": _bleu(out, sources, references) if split else None}
+        stage.storage["zip"] = {"bytes": _zip_bytes(model_dir), "bleu": stage.bleu}
+    return stage
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def markdown(stages: List[Stage], split: str | None) -> str:
+    first = stages[0]
+    lines = [f"| stage | int8 | MACs (30+30) | decode MACs, beam 4 | params | non-emb. params | model dir MB | "
+             f"non-emb. weights MB | BLEU{f' ({split})' if split else ''} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        ratio = f" ({first.bytes_dir / s.bytes_dir:.1f}x)" if s is not first else ""
+        weights = f" ({first.weights.other / s.weights.other:.1f}x)" if s is not first else ""
+        lines.append(f"| {s.name} | {s.quantization} | {s.macs / 1e6:.1f}M | {s.decode_macs_beam4 / 1e6:.1f}M | "
+                     f"{s.params / 1e6:.2f}M | {s.params_no_embed / 1e6:.2f}M | {_mb(s.bytes_dir)}{ratio} | "
+                     f"{_mb(s.weights.other)}{weights} | {s.bleu if s.bleu is not None else '-'} |")
+    lines += ["", "Storage only (the graphs' tensors stored this way and expanded at load time; BLEU of the "
+                  "round-tripped graphs):", "",
+              "| stage | weights as exported MB (emb. / pos. / other) | shared | shared + fp16 emb. | "
+              "shared + int8 emb. | zip of the dir |", "|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        cells = []
+        for option in ("shared", "shared+fp16-embed", "shared+int8-embed"):
+            o = s.storage.get(option)
+            bleu = "" if o is None or o["bleu"] is None else f", BLEU {o['bleu']}"
+            cells.append("-" if o is None else f"{_mb(o['weight_bytes'])} MB{bleu}")
+        z = s.storage.get("zip")
+        cells.append("-" if z is None else f"{_mb(z['bytes'])} MB ({first.bytes_dir / z['bytes']:.1f}x)")
+        w = s.weights
+        lines.append(f"| {s.name} | {_mb(w.total)} ({_mb(w.embedding)} / {_mb(w.positions)} / {_mb(w.other)}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(stages: List[Stage], out: Path, split: str | None) -> None:
+    """report.json and report.md in ``out``, each written to a temp file and renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"split": split, "stages": [{**asdict(s), "weights": {**asdict(s.weights), "total": s.weights.total}}
+                                       for s in stages]}
+    for name, text in (("report.json", json.dumps(data, indent=2) + "\n"), ("report.md", markdown(stages, split))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    try:
+        named = []
+        for item in args.stages:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ReportError(f"stage {item!r}: write NAME=MODEL_DIR, e.g. int8=runs/export/lsra-int8")
+            named.append((name, path))
+        stages = [measure_stage(name, path, args.split, storage=not args.no_storage)
+                  for name, path in tqdm(named, desc="stages", unit="stage", file=sys.stderr)]
+    except (ReportError, ModelDirError) as e:
+        print(f"lite compress report: error: {e}", file=sys.stderr)
+        return 2
+    write_report(stages, Path(args.out), args.split)
+    print(markdown(stages, args.split))
+    return 0
+
+
+def add_report_parser(actions) -> argparse.ArgumentParser:
+    p = actions.add_parser("report", help="size, MACs and BLEU of each compression stage",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stages", nargs="+", metavar="NAME=MODEL_DIR", help="stages in order; the first is the reference")
+    p.add_argument("--split", help="BLEU on this split of the data model.json names (e.g. test2016); none: no BLEU")
+    p.add_argument("--out", required=True, help="dir for report.json and report.md")
+    p.add_argument("--no-storage", action="store_true", help="skip the storage-only options")
+    p.set_defaults(func=_report)
+    return p
