@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from export.runtime import GRAPHS, Translator, load_description, write_model_dir
+from export.runtime import GRAPHS, Translator, copy_non_graph_files, load_description, write_model_dir
 from export.search import SearchOptions
 
 logger = logging.getLogger(__name__)
@@ -128,9 +128,7 @@ class _ModelDirScorer:
 
         staging = Path(tempfile.mkdtemp(prefix=".trial.", dir=self.work))
         out = staging.with_name(staging.name + ".dir")
-        for name in self.description["files"]:
-            if name not in {f"{g}.onnx" for g in GRAPHS} and not name.startswith("ort/"):
-                shutil.copy2(self.model_dir / name, staging / name)
+        copy_non_graph_files(self.model_dir, self.description, staging)
         for g, path in graphs.items():
             shutil.copy2(path, staging / f"{g}.onnx")
         description = {k: v for k, v in self.description.items() if k != "files"}

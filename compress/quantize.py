@@ -65,7 +65,8 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Sequence
 
 import numpy as np
 
-from export.runtime import GRAPHS, ModelDirError, Translator, load_description, sha256, write_model_dir
+from export.runtime import (GRAPHS, ModelDirError, Translator, copy_non_graph_files, load_description, sha256,
+                            write_model_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -478,10 +479,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
             if len(nodes) != counts[graph]["constant_weight_matmuls_fp32"]:
                 logger.warning(f"{graph}: {len(nodes)} of {counts[graph]['constant_weight_matmuls_fp32']} "
                                f"constant-weight MatMul/Gemm nodes quantized")
-        for name in description["files"]:
-            if name not in {f"{g}.onnx" for g in GRAPHS} and not name.startswith("ort/"):
-                (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(model_dir / name, staging / name)
+        copy_non_graph_files(model_dir, description, staging)
         if any(name.startswith("ort/") for name in description["files"]):
             from export.exporter import _to_ort  # the same conversion as `lite export --ort`
 

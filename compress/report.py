@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import zipfile
@@ -40,7 +39,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from export.runtime import GRAPHS, ModelDirError, Translator, load_description, write_model_dir
+from export.runtime import GRAPHS, ModelDirError, Translator, copy_non_graph_files, load_description, write_model_dir
 from export.search import SearchOptions
 
 logger = logging.getLogger(__name__)
@@ -210,9 +209,7 @@ def measure_stage(name: str, model_dir: str | Path, split: str | None, storage: 
             with tempfile.TemporaryDirectory() as tmp:
                 staging, out = Path(tmp) / "staging", Path(tmp) / "dir"
                 staging.mkdir()
-                for f in description["files"]:
-                    if f not in {f"{g}.onnx" for g in GRAPHS} and not f.startswith("ort/"):
-                        shutil.copy2(model_dir / f, staging / f)
+                copy_non_graph_files(model_dir, description, staging)
                 size = _storage_variant(model_dir, description, embed, staging)
                 write_model_dir(staging, out, {k: v for k, v in description.items() if k != "files"})
                 stage.storage[option] = {"weight_bytes": size,

@@ -61,6 +61,15 @@ def load_description(model_dir: Path) -> dict:
     return description
 
 
+def copy_non_graph_files(model_dir: Path, description: dict, staging: Path) -> None:
+    """Copy every file of a model dir but its graphs (ONNX and ORT format) into ``staging``: the start of a model
+    dir with other graphs (quantized, tuned, round-tripped)."""
+    for name in description["files"]:
+        if name not in {f"{g}.onnx" for g in GRAPHS} and not name.startswith("ort/"):
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(model_dir / name, staging / name)
+
+
 def write_model_dir(staging: Path, out: Path, description: dict) -> None:
     """The writing side of ``load_description``: hash every file of ``staging`` into ``description["files"]``,
     write model.json, then move ``staging`` to ``out`` (replacing it)."""
