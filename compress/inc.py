@@ -120,6 +120,7 @@ class _ModelDirScorer:
         self.description = load_description(model_dir)
         self.current = {g: model_dir / f"{g}.onnx" for g in GRAPHS}  # the graphs chosen so far
         self.graph, self.error = GRAPHS[0], None
+        self.baseline = math.nan  # BLEU of ``current``, known before INC scores it again as its baseline
         self.nodes = nodes
         self.kept: List[tuple] = []  # (graph file, config, BLEU) of each call: INC's fp32 baseline first
 
@@ -144,11 +145,14 @@ class _ModelDirScorer:
 
         if self.error is not None:
             return -math.inf
+        if not self.kept:  # INC's first call: its baseline, the current graph unchanged (ORT_DISABLE_ALL)
+            self.kept.append((self.current[self.graph], "fp32", self.baseline))
+            return self.baseline
         try:
             kept = self.work / f"{self.graph}.{len(self.kept)}.onnx"  # a single file, INC's external data folded in
             model = onnx.load(model_path)
             onnx.save(model, str(kept))
-            config = _config_of(model, self.nodes[self.graph]) if self.kept else "fp32"
+            config = _config_of(model, self.nodes[self.graph])
             score = self.bleu({**self.current, self.graph: kept})
             self.kept.append((kept, config, score))
             logger.info(f"inc-tune {self.graph} {config}: BLEU {score}")
@@ -180,7 +184,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, nodes: Dict[str, List[str]]
             configs = _configs(nodes[graph], preset)
             baseline = results[-1].bleu if results else fp32  # the model as the graphs before left it
             loss = 1.0 if baseline <= 0 or threshold <= 0 else 1 - threshold / baseline
-            scorer.graph, scorer.kept = graph, []
+            scorer.graph, scorer.kept, scorer.baseline = graph, [], baseline
             try:  # INC ends the process when no config meets the criterion
                 tuning.autotune(str(scorer.current[graph]),
                                 tuning.TuningConfig(config_set=list(configs.values()), tolerable_loss=loss,
