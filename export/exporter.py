@@ -15,23 +15,24 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
-from export.graphs import DecoderStep, Encoder, StateSpec, initial_states, memory_names, state_specs
-from export.runtime import FORMAT, GRAPHS, sha256, write_model_dir
+from export.graphs import DecoderStep, Encoder, initial_states, memory_names, state_specs
+from export.model_dir import FORMAT, GRAPHS, StateSpec, stage, write_description
+from export.ort_format import to_ort
 from export.validate import ExportMismatch, onnx_runner, sources, validate
+from lite.errors import LiteError
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
 
 
-class ExportError(ValueError):
+class ExportError(LiteError, ValueError):
     """A model or model dir that cannot be exported or loaded; the message names the file and the problem."""
 
 
@@ -108,7 +109,7 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path.name}: fails onnx.checker: {e}") from None
 
 
-def _slim(out: Path) -> None:
+def slim_graphs(out: Path) -> None:
     import onnxslim
 
     for graph in GRAPHS:
@@ -116,45 +117,28 @@ def _slim(out: Path) -> None:
         onnxslim.slim(str(path), str(path))
 
 
-def _to_ort(out: Path) -> List[Path]:
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for graph in GRAPHS:
-            shutil.copy(out / f"{graph}.onnx", tmp)
-        convert_onnx_models_to_ort(Path(tmp), output_dir=out / "ort", optimization_styles=[OptimizationStyle.Fixed])
-    return sorted((out / "ort").glob("*.ort"))
-
-
 def export(checkpoint: str | Path, out: str | Path, data: str | Path | None = None, slim: bool = False,
            ort: bool = False, force: bool = False) -> Path:
     """Export, validate and write the model dir atomically (a temp dir beside ``out``, renamed at the end)."""
+    from lite.checkpoint import load_model
     from lite.data import SPM_MODEL
-    from lite.translate import load_checkpoint
 
-    out = Path(out)
-    if out.exists() and not (out / "model.json").is_file() and any(out.iterdir()):
-        raise ExportError(f"{out} exists and is not a model dir; choose another --out")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already holds a model; pass --force to replace it")
-    model, task = load_checkpoint(checkpoint, data)
-    reference = copy.deepcopy(model)  # tracing switches ``model`` into ONNX-export mode
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with stage(out, force) as staging:
+        model, task = load_model(checkpoint, data)
+        reference = copy.deepcopy(model)  # tracing switches ``model`` into ONNX-export mode
         description = export_graphs(model, staging)
         if slim:
-            _slim(staging)
+            slim_graphs(staging)
             for graph in GRAPHS:
                 check_graph(staging / f"{graph}.onnx")
         model = reference
         io = description["io"]
-        specs = [StateSpec(**{**s, "shape": tuple(s["shape"])}) for s in description["states"]]
+        specs = [StateSpec.from_json(s) for s in description["states"]]
         outputs = {g: io[g]["outputs"] for g in GRAPHS}
         reports = {"onnx": validate(model, specs, onnx_runner(staging / "encoder.onnx"),
                                     onnx_runner(staging / "decoder_step.onnx"), outputs).to_json()}
         if ort:
-            converted = _to_ort(staging)
+            converted = to_ort(staging)
             by_graph = {g: next(p for p in converted if p.name.startswith(g + ".")) for g in GRAPHS}
             reports["ort"] = validate(model, specs, onnx_runner(by_graph["encoder"]),
                                       onnx_runner(by_graph["decoder_step"]), outputs).to_json()
@@ -169,12 +153,9 @@ def export(checkpoint: str | Path, out: str | Path, data: str | Path | None = No
             "vocab_size": len(dictionary), "max_source_positions": model.encoder.max_positions(),
             "max_target_positions": model.decoder.max_positions(), **description, "slim": slim, "validation": reports,
         }
-        write_model_dir(staging, out, description)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_description(staging, description)
     logger.info(f"exported {checkpoint} to {out} (max |onnx - torch| = {reports['onnx']['max_abs_diff']:.2e})")
     return out
 
 
-__all__ = ["export", "export_graphs", "check_graph", "ExportError", "ExportMismatch", "sha256"]
+__all__ = ["export", "export_graphs", "check_graph", "ExportError", "ExportMismatch"]

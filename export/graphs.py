@@ -5,13 +5,14 @@
     decoder step: tokens [N], step [] (0-based), order [N], encoder_padding_mask [N, S], memory..., state...
                   -> log_probs [N, V], state... (the next step's)
 
-Every piece of the decoder's incremental state is an explicit input and output (``StateSpec``; what each
-mechanism keeps is described in ``export/families.py``). ``order`` gathers the states by hypothesis before
+Every piece of the decoder's incremental state is an explicit input and output (``StateSpec``). What a lite
+mechanism keeps before the first step it declares itself (``initial_state``, ``lite.modules.incremental.Stateful``);
+fairseq's own MultiheadAttention is described here. The graph has no "no state yet" branch. ``order`` gathers the states by hypothesis before
 the step (beam search's reordering, inside the graph: no copies outside it).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -19,27 +20,38 @@ import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from export.families import initial_state, memory_state
+from export.model_dir import StateSpec
+from lite.modules.incremental import Stateful, StateSlot
 
 State = Dict[str, object]  # fairseq's incremental state: "<module id>.<key>" -> Tensor | {field: Tensor}
 
 
-@dataclass(frozen=True)
-class StateSpec:
-    """One tensor of the decoder's state: where it lives in the model and how it starts."""
+def initial_state(module: nn.Module, batch: int, like: Tensor) -> Optional[Dict[StateSlot, Tensor]]:
+    """The state ``module`` decodes from at step 0, or None for a module that keeps none. fairseq's self attention:
+    key/value caches [B, H, t, D], empty (they grow by one frame a step); cross attention reads the memory."""
+    if isinstance(module, MultiheadAttention):
+        if not module.self_attention:
+            return None
+        empty = like.new_zeros(batch, module.num_heads, 0, module.head_dim)
+        return {("attn_state", "prev_key"): empty, ("attn_state", "prev_value"): empty}
+    if isinstance(module, Stateful):
+        return module.initial_state(batch, like) or None
+    return None
 
-    name: str  # graph input name; the output is ``name + ".next"``
-    module: str  # qualified name of the owning module in the decoder
-    key: str  # its incremental-state key
-    field: Optional[str]  # entry of a dict-valued state (fairseq attention), else None
-    dtype: str  # numpy dtype name
-    shape: Tuple[int, ...]  # before the first step, at batch 1
-    batch_axis: int
-    time_axis: Optional[int]  # the axis that grows by one frame a step, if any
-    fill: float  # every element's value before the first step
 
-    def to_json(self) -> dict:
-        return asdict(self)
+def memory_state(m: MultiheadAttention, memory: Tensor, padding_mask: Tensor) -> Dict[StateSlot, Tensor]:
+    """Cross attention's static keys/values from the encoder output, laid out as fairseq caches them.
+
+    Shape: memory S x B x C, padding mask B x S -> prev_key, prev_value [B, H, S, D], prev_key_padding_mask [B, S].
+    """
+    batch = memory.size(1)
+
+    def heads(x: Tensor) -> Tensor:  # [S, B, C] -> [B, H, S, D]
+        return x.contiguous().view(-1, batch * m.num_heads, m.head_dim).transpose(0, 1).reshape(
+            batch, m.num_heads, -1, m.head_dim)
+
+    return {("attn_state", "prev_key"): heads(m.k_proj(memory)), ("attn_state", "prev_value"): heads(m.v_proj(memory)),
+            ("attn_state", "prev_key_padding_mask"): padding_mask}
 
 
 def _put(state: State, module: nn.Module, key: str, field: Optional[str], tensor: Tensor) -> None:
@@ -109,9 +121,7 @@ def initial_states(decoder: nn.Module, specs: List[StateSpec], batch: int) -> Li
     """The state tensors before the first step, for ``batch`` rows (as a runtime builds them from the specs)."""
     out = []
     for spec in specs:
-        shape = list(spec.shape)
-        shape[spec.batch_axis] = batch
-        out.append(torch.full(shape, spec.fill, dtype=getattr(torch, spec.dtype)))
+        out.append(torch.full(spec.initial_shape(batch), spec.fill, dtype=getattr(torch, spec.dtype)))
     return out
 
 

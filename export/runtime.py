@@ -10,89 +10,17 @@ inside the graph, so no state is copied between steps.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
 import numpy as np
 
-from export.search import SearchOptions, search
+from export.model_dir import GRAPHS, ModelDir, ModelDirError, StateSpec
+from export.search import SearchOptions, left_pad, search
 
 logger = logging.getLogger(__name__)
-
-FORMAT = 1
-GRAPHS = ("encoder", "decoder_step")
-
-
-class ModelDirError(ValueError):
-    """A model dir that cannot be used: a missing, altered or mismatched file; the message names it."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_description(model_dir: Path) -> dict:
-    """model.json, after checking every file it lists against its sha256."""
-    path = model_dir / "model.json"
-    if not path.is_file():
-        raise ModelDirError(f"{model_dir}: no model.json; make a model dir with `lite export CHECKPOINT --out DIR`")
-    try:
-        description = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
-    if description.get("format") != FORMAT:
-        raise ModelDirError(f"{path}: format {description.get('format')!r}, this runtime reads format {FORMAT}")
-    for name, digest in description["files"].items():
-        file = model_dir / name
-        if not file.is_file():
-            raise ModelDirError(f"{model_dir}: {name} is missing")
-        if sha256(file) != digest:
-            raise ModelDirError(f"{model_dir}: {name} does not match its sha256 in model.json (altered or corrupt)")
-    return description
-
-
-def copy_non_graph_files(model_dir: Path, description: dict, staging: Path) -> None:
-    """Copy every file of a model dir but its graphs (ONNX and ORT format) into ``staging``: the start of a model
-    dir with other graphs (quantized, tuned, round-tripped)."""
-    for name in description["files"]:
-        if name not in {f"{g}.onnx" for g in GRAPHS} and not name.startswith("ort/"):
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(model_dir / name, staging / name)
-
-
-def write_model_dir(staging: Path, out: Path, description: dict) -> None:
-    """The writing side of ``load_description``: hash every file of ``staging`` into ``description["files"]``,
-    write model.json, then move ``staging`` to ``out`` (replacing it)."""
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "model.json")
-    description["files"] = {str(p.relative_to(staging)): sha256(p) for p in files}
-    (staging / "model.json").write_text(json.dumps(description, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-
-
-@dataclass(frozen=True)
-class _State:
-    name: str
-    shape: tuple
-    batch_axis: int
-    dtype: str
-    fill: float
-
-    def initial(self, rows: int) -> np.ndarray:
-        shape = list(self.shape)
-        shape[self.batch_axis] = rows
-        return np.full(shape, self.fill, dtype=self.dtype)
 
 
 class OnnxStepModel:
@@ -103,8 +31,7 @@ class OnnxStepModel:
 
         self.ort, self.encoder, self.decoder_step = ort, encoder, decoder_step
         self.memory_names = description["io"]["encoder"]["outputs"][1:]
-        self.states = [_State(s["name"], tuple(s["shape"]), s["batch_axis"], s["dtype"], s["fill"])
-                       for s in description["states"]]
+        self.states = [StateSpec.from_json(s) for s in description["states"]]
         self.outputs = description["io"]["decoder_step"]["outputs"]
 
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
@@ -147,15 +74,16 @@ class Translator:
         import onnxruntime as ort
         import sentencepiece as spm
 
-        self.model_dir = Path(model_dir)
-        self.description = d = load_description(self.model_dir)
+        self.dir = ModelDir.open(model_dir)  # every listed file checked against its sha256
+        self.model_dir, self.description = self.dir.path, self.dir.description
+        d = self.description
         self.options, self.batch_size = options, batch_size
-        self.symbols = (self.model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        self.symbols = self.dir.file("vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
         if len(self.symbols) != d["vocab_size"]:
             raise ModelDirError(f"{self.model_dir}: vocab.txt has {len(self.symbols)} entries, the graphs "
                                 f"{d['vocab_size']}")
         self.index = {s: i for i, s in enumerate(self.symbols)}
-        self.spm = spm.SentencePieceProcessor(model_file=str(self.model_dir / "spm.model"))
+        self.spm = spm.SentencePieceProcessor(model_file=str(self.dir.file("spm.model")))
         specials = {d[k] for k in ("bos", "pad", "eos", "unk")}
         foreign = [s for i, s in enumerate(self.symbols) if i not in specials and self.spm.piece_to_id(s) == self.spm.unk_id()
                    and not s.startswith("madeupword")]
@@ -167,8 +95,8 @@ class Translator:
         options_.inter_op_num_threads = 1
         options_.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options_.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sessions = {g: ort.InferenceSession(str(self._graph(g, format)), options_, providers=["CPUExecutionProvider"])
-                    for g in GRAPHS}
+        sessions = {g: ort.InferenceSession(str(self.dir.graph(g, format)), options_,
+                                            providers=["CPUExecutionProvider"]) for g in GRAPHS}
         vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]
         if isinstance(vocab, int) and vocab != d["vocab_size"]:
             raise ModelDirError(f"{self.model_dir}: decoder_step gives {vocab} log-probs, model.json says "
@@ -177,16 +105,6 @@ class Translator:
         self.max_source_tokens = d["max_source_positions"] - 1  # <eos> is appended
         self.seconds = 0.0  # time spent in translate(), for --timing
         self.sentences = 0
-
-    def _graph(self, graph: str, format: str) -> Path:
-        if format == "onnx":
-            return self.model_dir / f"{graph}.onnx"
-        if format == "ort":
-            found = sorted((self.model_dir / "ort").glob(f"{graph}.*ort"))
-            if not found:
-                raise ModelDirError(f"{self.model_dir}: no ORT-format {graph} graph; export with --ort")
-            return found[0]
-        raise ValueError(f"format {format!r}: use 'onnx' or 'ort'")
 
     def encode(self, line: str) -> np.ndarray:
         """Raw sentence -> token ids int64 [n] ending in eos (unknown pieces -> unk)."""
@@ -202,14 +120,6 @@ class Translator:
         skip = {self.description["eos"], self.description["bos"]}
         return self.spm.decode([self.symbols[t] for t in tokens if t not in skip])
 
-    def _batch(self, rows: List[np.ndarray]) -> np.ndarray:
-        """Left-padded int64 [B, S], as fairseq collates sources."""
-        width = max(len(r) for r in rows)
-        batch = np.full((len(rows), width), self.description["pad"], dtype=np.int64)
-        for i, r in enumerate(rows):
-            batch[i, width - len(r):] = r
-        return batch
-
     def translate(self, lines: Iterable[str]) -> List[str]:
         """One output line per input line; empty input lines give empty output lines."""
         lines = list(lines)
@@ -219,7 +129,7 @@ class Translator:
         start = time.perf_counter()
         for first in range(0, len(todo), self.batch_size):  # the target starts with eos, as fairseq's does
             chunk = todo[first:first + self.batch_size]
-            hypos = search(self.model, self._batch([t for _, t in chunk]), eos=d["eos"], pad=d["pad"], unk=d["unk"],
+            hypos = search(self.model, left_pad([t for _, t in chunk], d["pad"]), eos=d["eos"], pad=d["pad"], unk=d["unk"],
                            options=self.options, max_len_cap=d["max_target_positions"] - 1)
             for (i, _), nbest in zip(chunk, hypos):
                 outputs[i] = self.decode(nbest[0].tokens.tolist())

@@ -69,6 +69,15 @@ class SearchOptions:
                              "(1 would ban the leading eos, so no hypothesis could end)")
 
 
+def left_pad(rows: list[np.ndarray], pad: int) -> np.ndarray:
+    """Token rows -> int64 [B, S], left-padded with ``pad`` (as fairseq collates sources)."""
+    width = max(len(r) for r in rows)
+    batch = np.full((len(rows), width), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        batch[i, width - len(r):] = r
+    return batch
+
+
 @dataclass
 class Hypothesis:
     tokens: np.ndarray  # int64 [T], ending in eos (the leading eos/bos not included)

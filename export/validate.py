@@ -13,13 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.graphs import DecoderStep, Encoder, StateSpec, initial_states, memory_names
+from export.graphs import DecoderStep, Encoder, initial_states, memory_names
+from export.model_dir import StateSpec
+from lite.errors import CriterionNotMet
 
 BATCHES, SOURCE_LENGTHS, STEPS, ATOL = (1, 3), (1, 7, 33), 10, 1e-4
 Run = Callable[[Dict[str, np.ndarray]], List[np.ndarray]]  # one graph: feeds -> outputs in graph order
 
 
-class ExportMismatch(RuntimeError):
+class ExportMismatch(CriterionNotMet, RuntimeError):
     """An exported graph that does not reproduce the PyTorch model; the message says what, where and by how much."""
 
 

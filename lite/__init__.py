@@ -1,16 +1,12 @@
 """lite: lite transformer translation models, from fairseq training to a device.
 
-Importing ``lite`` registers the models with fairseq (``fairseq-train --user-dir lite``) and
-lets torch's weights-only loader read fairseq checkpoints.
+As fairseq's ``--user-dir lite`` (fairseq is imported first), importing ``lite`` registers the models; anywhere
+else it imports nothing heavy, so the torch-free parts (``lite.errors``, ``lite.files``, the ONNX runtime) stay
+torch-free. Code that builds models imports ``lite.models``, which registers them.
 """
-import logging
-
-from lite.checkpoint import allow_fairseq_checkpoints
-
-logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)  # it asks for tensorboardX at import
-
-allow_fairseq_checkpoints()
-
-from lite import models  # noqa: E402,F401  (registers architectures with fairseq)
+import sys
 
 __version__ = "0.1.0"
+
+if "fairseq" in sys.modules:
+    from lite import models  # noqa: F401  (registers the architectures with fairseq)

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite.data import write_text
+from lite.files import write_lines
 
 SPLITS = ("train", "valid", "test")
 
@@ -347,6 +347,6 @@ def write_default_corpus(out_dir: str | Path, n_train: int = 6000, n_valid: int 
     pairs = generate_pairs(n_train + n_valid + n_test, seed)
     bounds = [0, n_train, n_train + n_valid, n_train + n_valid + n_test]
     for split, start, end in zip(SPLITS, bounds, bounds[1:]):
-        write_text(out_dir / f"{split}.de", [de for de, _ in pairs[start:end]])
-        write_text(out_dir / f"{split}.en", [en for _, en in pairs[start:end]])
+        write_lines(out_dir / f"{split}.de", [de for de, _ in pairs[start:end]])
+        write_lines(out_dir / f"{split}.en", [en for _, en in pairs[start:end]])
     return out_dir

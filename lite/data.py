@@ -14,9 +14,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lite.errors import LiteError
+from lite.files import staged_dir, write_json, write_lines
+from lite.text import read_lines
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ CORPUS_FILE = "corpus.json"
 SPM_MODEL = "spm.model"
 
 
-class DataError(ValueError):
+class DataError(LiteError, ValueError):
     """Input text that cannot be prepared; the message names the file and the fix."""
 
 
@@ -64,19 +67,6 @@ def find_splits(source_dir: Path, src: str, tgt: str) -> list[str]:
     return [*REQUIRED_SPLITS, *tests]
 
 
-def read_lines(path: Path) -> list[str]:
-    """UTF-8 lines without their line ends; a bad byte is reported with file and line number."""
-    lines = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                lines.append(raw.decode("utf-8").rstrip("\r\n"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start}); "
-                                f"re-encode the file as UTF-8") from None
-    return lines
-
-
 def read_pairs(source_dir: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str], int]:
     """Aligned source/target lines of one split with empty pairs dropped; returns (src, tgt, dropped)."""
     src_path, tgt_path = source_dir / f"{split}.{src}", source_dir / f"{split}.{tgt}"
@@ -96,13 +86,6 @@ def fingerprint(source_dir: Path, splits: list[str], src: str, tgt: str, vocab_s
             digest.update(f"{split}.{lang}".encode())
             digest.update(hashlib.sha256((source_dir / f"{split}.{lang}").read_bytes()).digest())
     return digest.hexdigest()
-
-
-def write_text(path: Path, lines: list[str]) -> None:
-    """Write lines atomically: temp file in the same dir, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def train_sentencepiece(texts: list[Path], model_prefix: Path, vocab_size: int) -> None:
@@ -160,12 +143,7 @@ def prepare(source_dir: str | Path, out: str | Path, src: str = "de", tgt: str =
         if not force:
             raise DataError(f"{out} already holds a different corpus (other input files or options); "
                             f"choose another --out or pass --force to replace it")
-    elif out.exists() and any(out.iterdir()) and not force:
-        raise DataError(f"{out} exists and is not a prepared corpus; choose another --out or pass --force")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, CORPUS_FILE, force, "prepared corpus") as staging:
         corpus = Corpus(src=src, tgt=tgt, vocab_size=vocab_size, fingerprint=stamp)
         raw, work = staging / "raw", staging / "tok"
         raw.mkdir(), work.mkdir()
@@ -173,8 +151,8 @@ def prepare(source_dir: str | Path, out: str | Path, src: str = "de", tgt: str =
             src_lines, tgt_lines, dropped = read_pairs(source_dir, split, src, tgt)
             if not src_lines:
                 raise DataError(f"{source_dir}/{split}.{{{src},{tgt}}} hold no non-empty sentence pair")
-            write_text(raw / f"{split}.{src}", src_lines)
-            write_text(raw / f"{split}.{tgt}", tgt_lines)
+            write_lines(raw / f"{split}.{src}", src_lines)
+            write_lines(raw / f"{split}.{tgt}", tgt_lines)
             corpus.lines[split], corpus.dropped_empty[split] = len(src_lines), dropped
             if dropped:
                 logger.warning(f"{split}: dropped {dropped} pair(s) with an empty side")
@@ -182,16 +160,11 @@ def prepare(source_dir: str | Path, out: str | Path, src: str = "de", tgt: str =
         sp = spm.SentencePieceProcessor(model_file=str(staging / SPM_MODEL))
         for split in splits:
             for lang in (src, tgt):
-                lines = (raw / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
-                write_text(work / f"{split}.{lang}", [" ".join(p) for p in sp.encode(lines, out_type=str)])
+                lines = read_lines(raw / f"{split}.{lang}")
+                write_lines(work / f"{split}.{lang}", [" ".join(p) for p in sp.encode(lines, out_type=str)])
         binarize(work, staging, splits, src, tgt)
         shutil.rmtree(work)
-        (staging / CORPUS_FILE).write_text(json.dumps(asdict(corpus), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / CORPUS_FILE, asdict(corpus))
     logger.info(f"prepared {out}: " + ", ".join(f"{s} {n} pairs" for s, n in corpus.lines.items())
            + (f"; dropped empty: {corpus.dropped_empty}" if any(corpus.dropped_empty.values()) else ""))
     return corpus

@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lite.data import DataError, write_text
+from lite.data import DataError
+from lite.files import write_lines
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def download_iwslt14(out_dir: str | Path, url: str = IWSLT14_URL, md5: str = IWS
     archive = out / IWSLT14_ARCHIVE
     fetch(url, archive, md5, "md5")
     for split, (de, en) in read_iwslt14(archive).items():
-        write_text(out / f"{split}.de", de)
-        write_text(out / f"{split}.en", en)
+        write_lines(out / f"{split}.de", de)
+        write_lines(out / f"{split}.en", en)
     return out
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from lite.errors import LiteError
+
 USER_DIR = str(Path(__file__).resolve().parent)
 
 
-class ConfigError(ValueError):
+class ConfigError(LiteError, ValueError):
     """A config file or override that cannot be turned into fairseq-train options."""
 
 
@@ -87,9 +89,10 @@ def parse_fairseq_args(argv: list[str]):
 def train(config: dict[str, Any], max_minutes: float | None = None, finetune_from: str | None = None) -> int:
     """Run fairseq-train in a child process; returns its exit code."""
     if finetune_from:  # a pruned checkpoint's dims (in its args) win over the config's
-        from compress.prune import finetune_overrides
+        from lite.checkpoint import pruned_dims, read_state
 
-        config = load_overrides(config, finetune_overrides(finetune_from))
+        dims = pruned_dims(read_state(finetune_from))
+        config = load_overrides(config, [f"{k}={v}" for k, v in dims.items()])
     argv = to_argv(config)
     if max_minutes is not None:
         argv += ["--stop-time-hours", f"{max_minutes / 60:.6f}"]  # cumulative across resumes

@@ -2,8 +2,8 @@
 
 A budget is counted with the Lite Transformer paper's protocol (``eval/macs.py``): 30 source + 30 target
 tokens, full teacher-forced decoder pass, token embeddings and output projection excluded. Every preset
-named ``<family>_<budget>`` must land in [0.9 x budget, budget]; ``tests/test_macs.py`` walks the registry.
-The dims below are what ``lite macs --family <family> --budget <budget>`` proposes.
+named ``<family>_<budget>`` must land in [0.9 x budget, budget]; ``tests/eval/test_macs.py`` walks the registry.
+The dims below are what ``lite macs --family <family> --budget <budget>`` proposes (``eval/budget.py``).
 
 Later families add themselves to ``FAMILIES`` (how a dim becomes a preset) and ``BUDGET_PRESETS``.
 """

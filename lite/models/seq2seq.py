@@ -20,7 +20,8 @@ from fairseq.modules import LayerNorm, PositionalEmbedding
 from torch import Tensor, nn
 
 from lite.modules import MIXERS, FeedForward, MixerSpec, build_mixer
-from lite.modules.attention import IncrementalState, multihead_attention
+from lite.modules.attention import multihead_attention
+from lite.modules.incremental import IncrementalState
 
 EncoderOut = Dict[str, List[Tensor]]
 

@@ -14,7 +14,7 @@ import torch
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
+from lite.modules.incremental import IncrementalState
 
 
 def set_heads(attn: MultiheadAttention, num_heads: int, head_dim: int) -> MultiheadAttention:

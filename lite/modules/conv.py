@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
+from lite.modules.incremental import IncrementalState, StateSlot
+
 
 
 @with_incremental_state
@@ -58,6 +59,10 @@ class _DepthwiseConv(nn.Module):
         if incremental_state is not None:
             self.set_incremental_state(incremental_state, "frames", window[window.size(0) - (self.kernel_size - 1):])
         return window
+
+    def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
+        """Causal: the K-1 previous frames [K-1, B, C], zero before the first step (as the causal padding)."""
+        return {("frames", None): like.new_zeros(self.kernel_size - 1, batch, self.channels)} if self.causal else {}
 
     def _unfold(self, window: Tensor, length: int) -> Tensor:
         """[T + K - 1, B, C] -> [T, B, C, K] by K shifted slices."""

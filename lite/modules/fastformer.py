@@ -39,12 +39,11 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from lite.modules.incremental import reorder_batch_first
+from lite.modules.incremental import IncrementalState, StateSlot, reorder_batch_first
 
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
 
-IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 STATE_NAMES = ("query_max", "query_den", "query_num", "key_max", "key_den", "key_num")
 
@@ -116,6 +115,10 @@ class Fastformer(nn.Module):
         return out.transpose(0, 1)  # [T, B, C]
 
     # ---------------------------------------------------------------- one decoding step
+
+    def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
+        """The fresh state ``_state`` builds for itself, for ``batch`` rows."""
+        return {(name, None): t for name, t in self._state({}, like.new_zeros(batch, self.embed_dim)).items()}
 
     def _state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], x: Tensor) -> Dict[str, Tensor]:
         state = {name: self.get_incremental_state(incremental_state, name) for name in STATE_NAMES}

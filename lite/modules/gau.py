@@ -56,12 +56,11 @@ import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from lite.modules.incremental import reorder_batch_first
+from lite.modules.incremental import IncrementalState, StateSlot, reorder_batch_first
 
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
 
-IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
 STATE_NAMES = ("position", "count", "key", "value", "kv", "kv_chunk")
 
@@ -201,6 +200,10 @@ class GAU(nn.Module):
         return (quad + lin).view(batch, chunks * size, -1)[:, :length]  # [B, T, E]
 
     # ---------------------------------------------------------------- one decoding step
+
+    def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
+        """The fresh state ``_state`` builds for itself, for ``batch`` rows."""
+        return {(name, None): t for name, t in self._state({}, like.new_zeros(batch, self.embed_dim)).items()}
 
     def _state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], x: Tensor) -> Dict[str, Tensor]:
         """The stored state, or a fresh one for a batch of x [B, C]."""

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lite.modules.attention import IncrementalState, SelfAttention
+from lite.modules.attention import SelfAttention
+from lite.modules.incremental import IncrementalState
 
 
 class ConvBranch(nn.Module):

@@ -7,7 +7,7 @@ import yaml
 from lite.train import ConfigError, load_config, parse_fairseq_args, to_argv
 from tests.conftest import LITE_ARCHS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_CONFIGS = sorted((ROOT / "configs" / "models").rglob("*.yaml"))
 
 

@@ -10,9 +10,11 @@ import torch
 
 from lite.checkpoint import CheckpointError
 from lite.data import prepare
-from lite.evaluate import evaluate
+from eval.evaluate import evaluate
 from lite.train import load_config, train
-from lite.translate import GenerationOptions, TorchTranslator, load_checkpoint
+from export.search import SearchOptions
+from lite.checkpoint import load_model
+from lite.translate import TorchTranslator
 from tests.conftest import BLEU_FLOOR, LITE, TINY_CONFIG, TINY_UPDATES, fairseq_generate, run
 
 
@@ -49,7 +51,7 @@ def test_training_resumes_from_the_last_checkpoint(workdir, trained):
 def test_fairseq_generate_with_user_dir_matches_lite_translate(workdir, trained):
     fairseq = fairseq_generate(workdir, trained)
     sources = (workdir / "data" / "raw" / "test.de").read_text(encoding="utf-8").splitlines()
-    ours = TorchTranslator(trained, options=GenerationOptions(beam=4)).translate(sources)
+    ours = TorchTranslator(trained, options=SearchOptions(beam=4)).translate(sources)
     assert len(fairseq) == len(sources)
     same = sum(fairseq[i] == ours[i] for i in range(len(sources)))
     assert same / len(sources) >= 0.99
@@ -69,13 +71,13 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(workdir, trained, tmp_pa
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(trained.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="corrupt.pt: not a loadable fairseq checkpoint"):
-        load_checkpoint(corrupt)
+        load_model(corrupt)
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+        load_model(tmp_path / "missing.pt")
     other = tmp_path / "other"
     prepare(workdir / "text", other, vocab_size=400)  # another dictionary
     with pytest.raises(CheckpointError, match="dictionary"):
-        load_checkpoint(trained, data=other)
+        load_model(trained, data=other)
     cli = run([*LITE, "eval", "--checkpoint", str(corrupt), "--split", "test"])
     assert cli.returncode == 2 and "not a loadable fairseq checkpoint" in cli.stderr
 

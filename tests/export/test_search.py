@@ -235,6 +235,6 @@ def test_options_are_validated():
 
 
 def test_imports_without_torch():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     code = "import sys; sys.modules['torch'] = None; import export.search"
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

@@ -2,7 +2,7 @@
 untrained model cannot reach (tests/test_pipeline.py shows the untrained one scores below 5)."""
 import pytest
 
-from lite.evaluate import evaluate
+from eval.evaluate import evaluate
 from lite.train import load_config, train
 from tests.conftest import ROOT
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from lite.data import Corpus, DataError, prepare
+from lite.text import TextError
 
 PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Katzen schlafen.", "Two cats sleep."),
          ("Ein Mann fährt Rad.", "A man rides a bike."), ("Die Frau liest.", "The woman reads.")] * 10
@@ -81,7 +82,7 @@ def test_empty_lines_are_dropped_and_counted(text_dir, tmp_path):
 
 def test_non_utf8_is_reported_with_file_and_line(text_dir, tmp_path):
     (text_dir / "valid.de").write_bytes("Ein Hund.\nZwei\n".encode() + b"Katzen \xff\xfe.\nDrei.\nVier.\n")
-    with pytest.raises(DataError, match=r"valid\.de:3: not UTF-8"):
+    with pytest.raises(TextError, match=r"valid\.de:3: not UTF-8"):
         prepare(text_dir, tmp_path / "out")
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lite.cli import main
+
+sys.exit(main())
