@@ -62,6 +62,12 @@ def model_args(state: dict) -> argparse.Namespace:
     return args
 
 
+def data_dir(state: dict) -> Path:
+    """The prepared data dir the checkpoint was trained on (fairseq's task ``data``)."""
+    task = (state.get("cfg") or {}).get("task")
+    return Path(task["data"] if task is not None else model_args(state).data)
+
+
 def pruned_dims(state: dict) -> dict[str, int]:
     """The dims ``lite compress prune`` changed (empty for a checkpoint that was not pruned)."""
     return dict((state.get("extra_state") or {}).get("pruned_dims") or {})
@@ -72,6 +78,7 @@ def load_model(path: str | Path, data: str | Path | None = None):
     from fairseq import checkpoint_utils
     from fairseq.data import Dictionary
 
+    import lite.models  # noqa: F401  (registers the architectures the checkpoint names)
     from lite.data import CORPUS_FILE, Corpus
 
     read_state(path)  # refuses unsafe or corrupt files with a clear error before fairseq touches them

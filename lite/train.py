@@ -7,7 +7,10 @@ off, a list becomes several arguments. fairseq picks the GPU when there is one a
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,9 @@ import yaml
 from lite.errors import LiteError
 
 USER_DIR = str(Path(__file__).resolve().parent)
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies (Linux)
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(LiteError, ValueError):
@@ -102,11 +108,38 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
         argv += ["--log-format", "tqdm" if sys.stderr.isatty() else "simple"]
     parse_fairseq_args(argv)  # fail here, with a clear message, rather than deep inside fairseq
     Path(config["save_dir"]).mkdir(parents=True, exist_ok=True)
+    argv += _resume_args(Path(config["save_dir"]), config)
     print("fairseq-train " + " ".join(argv), file=sys.stderr, flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy())
+    child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy(),
+                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
         return child.wait()
     finally:  # interrupted or terminated: stop fairseq-train too (it resumes from its last checkpoint)
         if child.poll() is None:
             child.terminate()
             child.wait()
+
+
+def _resume_args(save_dir: Path, config: dict[str, Any]) -> list[str]:
+    """fairseq resumes from checkpoint_last.pt; when that one is unreadable (a kill while fairseq copied it),
+    resume from checkpoint_best.pt instead, with a warning, and keep the broken file aside."""
+    from lite.checkpoint import CheckpointError, read_state
+
+    last, best = save_dir / "checkpoint_last.pt", save_dir / "checkpoint_best.pt"
+    if config.get("restore_file") or not last.is_file():
+        return []
+    try:
+        read_state(last)
+        return []
+    except CheckpointError as e:
+        os.replace(last, last.with_suffix(".pt.unreadable"))
+        if not best.is_file():
+            logger.warning(f"{e}; no checkpoint_best.pt either: training starts afresh")
+            return []
+        logger.warning(f"{e}; resuming from {best} (the unreadable file is kept as {last.name}.unreadable)")
+        return ["--restore-file", str(best)]
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the parent dies, even by SIGKILL, so fairseq-train never outlives it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""The ``lite`` command: data, train, translate, eval, export, compress, macs.
+"""The ``lite`` command: data, train, translate, eval, export, compress, macs, bench.
 
 All argument parsing and printing lives in this package, one module per command group; the libraries take typed
 options and raise ``lite.errors.LiteError``. ``main`` prints such an error as one line and exits with its code
@@ -11,14 +11,21 @@ import logging
 import signal
 import sys
 
-from lite.cli import compress, data, export, macs, train, translate
+from lite.cli import bench, compress, data, export, macs, train, translate
 from lite.errors import LiteError
 
-GROUPS = (data, train, translate, export, compress, macs)
+GROUPS = (data, train, translate, export, compress, macs, bench)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (and exit code 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lite", description=__doc__.split("\n")[0])
+    parser = Parser(prog="lite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)

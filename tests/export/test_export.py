@@ -17,7 +17,7 @@ from export.validate import ExportMismatch, onnx_runner, validate
 from eval.evaluate import evaluate
 from lite.files import OutputError
 from lite.modules import MIXERS
-from lite.translate import TorchTranslator
+from lite.torch_translator import TorchTranslator
 from tests.conftest import LITE, LITE_ARCHS, ROOT, fairseq_generate, run, tiny_dictionary, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter

@@ -14,7 +14,7 @@ from eval.evaluate import evaluate
 from lite.train import load_config, train
 from export.search import SearchOptions
 from lite.checkpoint import load_model
-from lite.translate import TorchTranslator
+from lite.torch_translator import TorchTranslator
 from tests.conftest import BLEU_FLOOR, LITE, TINY_CONFIG, TINY_UPDATES, fairseq_generate, run
 
 

@@ -1,0 +1,56 @@
+"""lite bench on the tiny trained LSRA: torch, ONNX fp32 and a ct2 target it cannot run, in one run; every
+figure of output and size checked against an independent recomputation."""
+import json
+
+import pytest
+from sacrebleu.metrics import BLEU
+
+from eval.bench import BenchConfig, Target, bench, markdown
+from export.exporter import export
+from lite.cli import main
+
+
+@pytest.fixture(scope="module")
+def document(trained, workdir, tmp_path_factory):
+    model_dir = export(trained, tmp_path_factory.mktemp("bench") / "onnx")
+    raw = workdir / "data" / "raw"
+    sources = (raw / "test.de").read_text(encoding="utf-8").split("\n")[:-1]
+    references = (raw / "test.en").read_text(encoding="utf-8").split("\n")[:-1]
+    targets = [Target("torch", str(trained)), Target("onnx", str(model_dir)), Target("ct2", str(trained), "int8")]
+    config = BenchConfig(sentences=12, threads=(1,), repeat=2, warmup=2, batch=4)
+    return bench(targets, sources, references, config), references[:12], model_dir
+
+
+def test_every_backend_is_measured_and_ct2_refuses_lsra_in_one_line(document):
+    doc, _, _ = document
+    torch_run, onnx_run, ct2_run = doc["results"]
+    for run in (torch_run, onnx_run):
+        f = run["figures"]
+        assert run["error"] is None and f["sentences"] == 12
+        assert 0 < f["latency_ms_p50"] <= f["latency_ms_p90"] and 0 < f["greedy_ms_p50"] <= f["greedy_ms_p90"]
+        assert f["tokens_per_s"] > 0 and f["load_s"] > 0 and f["peak_rss_mb"] >= f["rss_libs_mb"] > 0
+        assert run["repeats"]["latency_ms_p50"]["min"] <= f["latency_ms_p50"] <= run["repeats"]["latency_ms_p50"]["max"]
+    assert "cannot be converted to CTranslate2" in ct2_run["error"] and "\n" not in ct2_run["error"]
+    assert "cannot be converted" in markdown(doc)
+
+
+def test_output_figures_match_an_independent_recount(document, trained):
+    doc, references, model_dir = document
+    torch_run, onnx_run, _ = doc["results"]
+    for run in (torch_run, onnx_run):
+        assert len(run["hypotheses"]) == 12
+        assert run["figures"]["bleu"] == round(BLEU().corpus_score(run["hypotheses"], [references]).score, 2)
+        assert run["figures"]["same_as_first"] == sum(
+            a == b for a, b in zip(run["hypotheses"], torch_run["hypotheses"]))
+    assert onnx_run["figures"]["same_as_first"] >= 11  # ONNX == fairseq (tested in full in tests/export)
+    assert torch_run["figures"]["bytes"] == trained.stat().st_size
+    assert onnx_run["figures"]["bytes"] == sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+
+
+def test_cli_writes_the_json_and_prints_the_table(trained, workdir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    source = workdir / "data" / "raw" / "test.de"
+    assert main(["bench", "--source", str(source), "--checkpoint", str(trained), "--sentences", "3",
+                 "--warmup", "0", "--batch", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["figures"]["sentences"] == 3
+    assert "| torch:" in capsys.readouterr().out
