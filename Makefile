@@ -12,7 +12,7 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 INC := onnx-neural-compressor==1.0
 INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
 TEST_DEPS := pytest
-DEMO := runs/demo
+DEMO := runs/embedded
 
 .PHONY: install demo test clean-demo
 
@@ -28,11 +28,8 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lite data embedded --out $(DEMO)/text
-	$(BIN)/lite data prepare --from $(DEMO)/text --out $(DEMO)/data --vocab-size 1000
-	$(BIN)/lite train configs/models/lsra/demo.yaml data=$(DEMO)/data save_dir=$(DEMO)/checkpoints
-	$(BIN)/lite eval --checkpoint $(DEMO)/checkpoints/checkpoint_best.pt --split test
-	echo "Ein kleiner Hund läuft über die Wiese." | $(BIN)/lite translate --checkpoint $(DEMO)/checkpoints/checkpoint_best.pt
+	$(BIN)/lite pipeline configs/pipelines/embedded.yaml --run-dir $(DEMO)
+	echo "Ein kleiner Hund läuft über die Wiese." | $(BIN)/lite translate --backend onnx --model $(DEMO)/lsra/onnx/int8
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

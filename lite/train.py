@@ -8,17 +8,20 @@ off, a list becomes several arguments. fairseq picks the GPU when there is one a
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lite.errors import LiteError
+from lite.files import write_json
 
 USER_DIR = str(Path(__file__).resolve().parent)
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies (Linux)
@@ -92,8 +95,14 @@ def parse_fairseq_args(argv: list[str]):
     return args
 
 
-def train(config: dict[str, Any], max_minutes: float | None = None, finetune_from: str | None = None) -> int:
-    """Run fairseq-train in a child process; returns its exit code."""
+def train(config: dict[str, Any], max_minutes: float | None = None, finetune_from: str | None = None,
+          max_cpu_minutes: float | None = None) -> int:
+    """Run fairseq-train in a child process; returns its exit code.
+
+    ``max_minutes``: wall time, fairseq's own ``--stop-time-hours`` (cumulative across resumes). ``max_cpu_minutes``:
+    CPU time of the training process tree (user + system), cumulative across resumes (``CPU_LOG`` in the save
+    dir); when it is spent, fairseq-train is stopped and keeps its last saved checkpoint (set
+    ``save_interval_updates`` to lose little)."""
     if finetune_from:  # a pruned checkpoint's dims (in its args) win over the config's
         from lite.checkpoint import pruned_dims, read_state
 
@@ -113,11 +122,56 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
     child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy(),
                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
-        return child.wait()
+        if max_cpu_minutes is None:
+            return child.wait()
+        return _wait_within_cpu(child, Path(config["save_dir"]), 60 * max_cpu_minutes)
     finally:  # interrupted or terminated: stop fairseq-train too (it resumes from its last checkpoint)
         if child.poll() is None:
             child.terminate()
             child.wait()
+
+
+CPU_LOG = "lite_cpu.json"  # CPU seconds spent by earlier runs of this save dir
+
+
+def cpu_seconds_spent(save_dir: Path) -> float:
+    """CPU seconds the training runs of ``save_dir`` have used so far (0 before the first)."""
+    path = Path(save_dir) / CPU_LOG
+    return float(json.loads(path.read_text())["cpu_seconds"]) if path.is_file() else 0.0
+
+
+def _tree_cpu(process) -> float:
+    """User + system CPU seconds of a psutil process and its children."""
+    import psutil
+
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _wait_within_cpu(child: subprocess.Popen, save_dir: Path, budget_s: float, poll_s: float = 2.0) -> int:
+    """Wait for fairseq-train; stop it when the save dir's CPU budget is spent. Exit code 0 when stopped by the
+    budget (training ended as asked)."""
+    import psutil
+
+    process, before, used = psutil.Process(child.pid), cpu_seconds_spent(save_dir), 0.0
+    try:
+        while child.poll() is None:
+            used = max(used, _tree_cpu(process))
+            if before + used >= budget_s:
+                logger.info(f"CPU budget of {budget_s / 60:.1f} min spent: stopping fairseq-train")
+                child.terminate()
+                child.wait()
+                return 0
+            time.sleep(poll_s)
+        return child.returncode
+    finally:
+        write_json(save_dir / CPU_LOG, {"cpu_seconds": round(before + used, 1)})
 
 
 def _resume_args(save_dir: Path, config: dict[str, Any]) -> list[str]:

@@ -1,0 +1,94 @@
+"""lite pipeline end to end on a tiny config: every stage runs once, the summary equals an independent recount,
+a second run skips everything, a changed or failed stage reruns from there, and the run dir is locked."""
+import fcntl
+import json
+
+import pytest
+import yaml
+from sacrebleu.metrics import BLEU
+
+from lite.pipeline import PipelineError, load_pipeline, run_pipeline
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "configs" / "models" / "lsra" / "tiny.yaml")
+
+
+def _config(tmp_path, name="tiny", budget="0.9M", **extra):
+    config = {"name": name,
+              "data": {"source": "embedded", "vocab_size": 400, "test_split": "test"},
+              "models": {
+                  "lsra": {"config": TINY, "overrides": {"max_update": 30},
+                           "prune": {"budget": budget, "finetune_overrides": {"max_update": 40}}},
+                  "transformer": {"config": TINY, "overrides": {"arch": "transformer_d128", "max_update": 30,
+                                                                "mixer_attention_heads": None}}},
+              "bench": {"sentences": 4, "batch": 2}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_pipeline(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = _config(tmp)
+    return config, tmp / "run", run_pipeline(config, tmp / "run")
+
+
+def test_every_stage_runs_and_is_recorded(run):
+    config, run_dir, ran = run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert ran == list(manifest["stages"]) and ran[0] == "data" and ran[-2:] == ["summary", "report"]
+    assert {"lsra/prune", "lsra/finetune", "lsra/quantize", "transformer/quantize", "bench"} <= set(ran)
+    for name, entry in manifest["stages"].items():
+        assert entry["status"] == "done" and entry["outputs"] and entry["command"] and entry["cpu_seconds"] >= 0
+    assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
+
+
+def test_summary_equals_an_independent_recount(run):
+    _, run_dir, _ = run
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    references = (run_dir / "data" / "raw" / "test.en").read_text(encoding="utf-8").split("\n")[:-1]
+    for stage in ("fp32", "pruned", "finetuned", "int8"):
+        hypotheses = (run_dir / "lsra" / "eval" / stage / "test.hyp.en").read_text(encoding="utf-8").split("\n")[:-1]
+        bleu = round(BLEU().corpus_score(hypotheses, [references]).score, 2)
+        assert summary["stages"][f"lsra/{stage}"]["bleu"] == bleu
+    int8 = run_dir / "lsra" / "onnx" / "int8"
+    assert summary["stages"]["lsra/int8"]["bytes"] == sum(p.stat().st_size for p in int8.rglob("*") if p.is_file())
+    assert summary["stages"]["lsra/pruned"]["macs"] <= 0.9e6 < summary["stages"]["lsra/fp32"]["macs"]
+    backends = summary["backends"]
+    assert any(name.startswith("ct2-int8:") for name in backends)  # the Transformer on CTranslate2
+    assert all(b["latency_ms_p50"] > 0 and b["tokens_per_s"] > 0 for b in backends.values())
+
+
+def test_a_second_run_skips_everything_and_a_change_reruns_from_there(run, tmp_path):
+    config, run_dir, _ = run
+    assert run_pipeline(config, run_dir) == []
+    changed = _config(tmp_path, bench={"sentences": 3, "batch": 2})
+    assert run_pipeline(changed, run_dir) == ["bench", "summary", "report"]
+
+
+def test_a_failed_stage_is_recorded_and_the_rerun_continues_there(tmp_path, run):
+    _, done, _ = run
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(done, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    impossible = _config(tmp_path, budget="1")
+    with pytest.raises(Exception, match="out of reach"):
+        run_pipeline(impossible, run_dir)
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["lsra/prune"]
+    assert entry["status"] == "failed" and "out of reach" in entry["error"]
+    ran = run_pipeline(_config(tmp_path), run_dir)
+    assert "lsra/train" not in ran and ran[0] == "lsra/prune"
+
+
+def test_bad_configs_and_a_locked_run_dir_are_refused(tmp_path, run):
+    config, run_dir, _ = run
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "models": {"m": {"config": TINY, "epochs": 3}}}))
+    with pytest.raises(PipelineError, match="unknown key.*epochs.*valid: config, overrides"):
+        load_pipeline(path)
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PipelineError, match="in use by another"):
+            run_pipeline(config, run_dir)
