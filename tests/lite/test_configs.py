@@ -46,3 +46,19 @@ def test_unknown_arch_lists_the_valid_ones(tmp_path):
     path.write_text(yaml.safe_dump({"arch": "lsra_tiny_9000", "data": "d", "save_dir": "s"}))
     with pytest.raises(ConfigError, match="lsra_iwslt_160.*transformer_d128"):
         parse_fairseq_args(to_argv(load_config(path)))
+
+
+PIPELINE_CONFIGS = sorted((ROOT / "configs" / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
+def test_pipeline_config_is_valid(path):
+    """Opens with its command; every model's config with its overrides parses with fairseq-train's parser."""
+    from lite.pipeline import _overrides, load_pipeline
+
+    assert path.read_text().splitlines()[0].startswith(f"# lite pipeline {path.relative_to(ROOT)}")
+    pipeline = load_pipeline(path)
+    assert {"embedded.yaml", "multi30k_100m.yaml", "multi30k_500m.yaml"} <= {p.name for p in PIPELINE_CONFIGS}
+    for name, model in pipeline.models.items():
+        config = load_config(ROOT / model.config, _overrides(model.overrides))
+        assert parse_fairseq_args(to_argv(config)).arch in LITE_ARCHS, name
