@@ -1,4 +1,4 @@
-"""Mult-Adds (MACs) and parameter counts of ``lite_transformer`` models: ``lite macs``.
+"""Mult-Adds (MACs) and parameter counts of ``lite_transformer`` models (the counter behind ``lite macs``).
 
 Two costs are reported:
 
@@ -16,28 +16,24 @@ The counting is torchprofile's: its tracer (``torch.jit`` trace graph) and its p
 to the contractions only (``count_macs``). Parameters: total, and without embeddings (token embeddings, and
 the output projection when it is not tied to them; sinusoidal positions have none).
 
-    lite macs --arch lsra_wmt_200 [--src-len 30 --tgt-len 30 --vocab-size 10000] [--json]
-    lite macs --checkpoint runs/x/checkpoints/checkpoint_best.pt
-    lite macs --family lsra --budget 100M      # the largest embed dim whose preset fits the budget
-    python -m eval.macs --markdown              # the README table of every preset
+    model = lite.models.factory.build_arch("lsra_wmt_200")
+    paper_macs(model).total, count_params(model), measure(model, "lsra_wmt_200")
+
+Beside it: ``eval/budget.py`` (the largest embed dim of a family within a budget), ``eval/macs_table.py``
+(the README table), ``lite/cli/macs.py`` (the ``lite macs`` command).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import sys
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-SRC_LEN = TGT_LEN = 30
-VOCAB_SIZE = 10_000
-BEAMS = (1, 4)
+from eval.macs_protocol import BEAMS, SRC_LEN, TGT_LEN
+from lite.errors import LiteError
 
 # Operators that multiply and accumulate; torchprofile's handler of each gives its MACs.
 CONTRACTIONS = {"aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm",
@@ -52,8 +48,8 @@ ELEMENTWISE = {"aten::glu", "aten::masked_fill", "aten::triu", "aten::new_full",
                "aten::maximum", "aten::exp", "aten::cat", "aten::stack"}
 
 
-class MacsError(ValueError):
-    """A model, arch or budget that cannot be counted; the message names the option and the fix."""
+class MacsError(LiteError, ValueError):
+    """A model, family or budget that cannot be counted; the message names the option and the fix (exit code 2)."""
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -76,7 +72,7 @@ def count_macs(module: nn.Module, args: tuple) -> int:
     F.multi_head_attention_forward to ``aten::scaled_dot_product_attention``, whose torchprofile handler counts
     QK^T + AV; cross and incremental attention run ``bmm``: both are counted.
     """
-    # vs torch.utils.flop_counter.FlopCounterMode (flops / 2, tests/test_macs.py): it counts matmul, conv and
+    # vs torch.utils.flop_counter.FlopCounterMode (flops / 2, tests/eval/test_macs.py): it counts matmul, conv and
     # attention kernels only, so it misses DynamicConv's taps (a broadcast mul + sum, T*B*C*K MACs each), and on
     # CPU (torch 2.13) it has no formula for the fused _scaled_dot_product_flash_attention_for_cpu kernel either.
     from torchprofile.handlers import HANDLER_MAP
@@ -256,53 +252,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if id(p) not in embeddings)
 
 
-# ---------------------------------------------------------------------------------------------- models
-
-def lite_archs() -> list[str]:
-    """Every named architecture of ``lite_transformer`` (budget presets included)."""
-    import lite.models.budgets  # noqa: F401  (registers the budget presets)
-    from fairseq.models import ARCH_MODEL_REGISTRY
-
-    from lite.models import LiteTransformerModel
-
-    return sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is LiteTransformerModel)
-
-
-def dictionary(vocab_size: int):
-    """A fairseq Dictionary of exactly ``vocab_size`` entries (its 4 specials included)."""
-    from fairseq.data import Dictionary
-
-    d = Dictionary()
-    if vocab_size <= d.nspecial:
-        raise MacsError(f"--vocab-size {vocab_size}: must exceed the {d.nspecial} special symbols")
-    for i in range(vocab_size - len(d)):
-        d.add_symbol(f"w{i}")
-    return d
-
-
-class _Task:
-    def __init__(self, d):
-        self.source_dictionary = self.target_dictionary = d
-
-
-def build(args: argparse.Namespace, vocab_size: int = VOCAB_SIZE) -> nn.Module:
-    """A ``LiteTransformerModel`` from model args, with a joined dictionary of ``vocab_size`` entries."""
-    from lite.models import LiteTransformerModel
-
-    return LiteTransformerModel.build_model(args, _Task(dictionary(vocab_size))).eval()
-
-
-def build_arch(arch: str, vocab_size: int = VOCAB_SIZE) -> nn.Module:
-    """A registered architecture with its defaults (``--arch NAME``)."""
-    from fairseq.models import ARCH_CONFIG_REGISTRY
-
-    archs = lite_archs()
-    if arch not in archs:
-        raise MacsError(f"--arch {arch!r} is not a lite_transformer architecture; valid: {', '.join(archs)}")
-    args = argparse.Namespace()
-    ARCH_CONFIG_REGISTRY[arch](args)
-    return build(args, vocab_size)
-
+# ---------------------------------------------------------------------------------------------- one model
 
 @dataclass(frozen=True)
 class Cost:
@@ -329,162 +279,3 @@ def measure(model: nn.Module, arch: str, src_len: int = SRC_LEN, tgt_len: int = 
     beam1, beam4 = (decode_macs(model, src_len, tgt_len, beam).total for beam in BEAMS)
     return Cost(arch, src_len, tgt_len, len(model.decoder.dictionary), paper.total, paper.encoder, paper.decoder,
                 params, params_no_embed, 4 * params, params, beam1, beam4)
-
-
-# ---------------------------------------------------------------------------------------------- budgets
-
-def parse_budget(text: str) -> int:
-    """'100M', '1.5G', '500k', '90000000' -> MACs."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", text)
-    if not match:
-        raise MacsError(f"--budget {text!r}: expected a number with an optional k/M/G suffix, e.g. 100M")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
-
-
-def family_macs(family: str, dim: int, src_len: int = SRC_LEN, tgt_len: int = TGT_LEN) -> int:
-    """Paper-protocol MACs of ``family`` at embed dim ``dim`` (the vocabulary does not enter them)."""
-    from lite.models.budgets import FAMILIES
-
-    args = argparse.Namespace()
-    FAMILIES[family].build(args, dim)
-    return paper_macs(build(args, vocab_size=8), src_len, tgt_len).total
-
-
-def propose_dim(family: str, budget: int, src_len: int = SRC_LEN, tgt_len: int = TGT_LEN) -> tuple[int, int]:
-    """(dim, MACs): the largest embed dim, a multiple of the family's step, whose MACs are <= ``budget``.
-
-    Binary search; MACs grow with the dim (linear layers ~ d^2, attention ~ d).
-    """
-    from lite.models.budgets import FAMILIES
-
-    if family not in FAMILIES:
-        raise MacsError(f"--family {family!r}: valid families are {', '.join(sorted(FAMILIES))}")
-    step = FAMILIES[family].multiple
-    cost = {}
-
-    def fits(k: int) -> bool:
-        cost[k] = family_macs(family, k * step, src_len, tgt_len)
-        return cost[k] <= budget
-
-    if not fits(1):
-        raise MacsError(f"--budget {budget:,}: even {family} at d={step} needs {cost[1]:,} MACs")
-    low, high = 1, 2  # fits(low); find a high that does not fit
-    while fits(high):
-        low, high = high, 2 * high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low * step, cost[low]
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-def _millions(n: int, digits: int = 1) -> str:
-    return f"{n / 1e6:.{digits}f}M"
-
-
-def markdown_table(archs: list[str] | None = None, src_len: int = SRC_LEN, tgt_len: int = TGT_LEN,
-                   vocab_size: int = VOCAB_SIZE) -> str:
-    """The README's table of every preset, measured (``python -m eval.macs --markdown``)."""
-    rows = [f"| `--arch` | MACs ({src_len}+{tgt_len}) | params | params w/o embeddings | "
-            f"decode MACs, beam 1 | decode MACs, beam 4 |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for arch in archs if archs is not None else [a for a in lite_archs() if a != "lite_transformer"]:
-        c = measure(build_arch(arch, vocab_size), arch, src_len, tgt_len)
-        rows.append(f"| `{arch}` | {_millions(c.macs)} | {_millions(c.params, 2)} | {_millions(c.params_no_embed, 2)} "
-                    f"| {_millions(c.decode_macs_beam1)} | {_millions(c.decode_macs_beam4)} |")
-    note = (f"\nMACs: paper protocol ({src_len} source + {tgt_len} target tokens, teacher-forced, embeddings and "
-            f"output projection excluded). Decode MACs: one sentence, {src_len} -> {tgt_len} tokens, incremental "
-            f"decoding with the output projection, vocabulary {vocab_size}. Generated by `python -m eval.macs "
-            f"--markdown`.")
-    return "\n".join(rows) + "\n" + note
-
-
-def _report(c: Cost) -> str:
-    return "\n".join([
-        f"{c.arch}: source {c.src_len}, target {c.tgt_len} tokens, vocabulary {c.vocab_size}",
-        f"  MACs (paper protocol): {_millions(c.macs)}  (encoder {_millions(c.encoder_macs)}, "
-        f"decoder {_millions(c.decoder_macs)})",
-        f"  params: {_millions(c.params, 2)} total, {_millions(c.params_no_embed, 2)} without embeddings  "
-        f"({c.bytes_fp32 / 2**20:.1f} MiB fp32, {c.bytes_int8 / 2**20:.1f} MiB int8)",
-        f"  decode MACs, one sentence (incremental, output projection included): "
-        f"beam 1 {_millions(c.decode_macs_beam1)}, beam 4 {_millions(c.decode_macs_beam4)}",
-    ])
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def _macs(args: argparse.Namespace) -> int:
-    from lite.checkpoint import CheckpointError
-
-    try:
-        if args.budget is not None and args.family is None:
-            raise MacsError("--budget goes with --family (e.g. --family lsra --budget 100M)")
-        if args.markdown:
-            print(markdown_table(src_len=args.src_len, tgt_len=args.tgt_len, vocab_size=args.vocab_size))
-            return 0
-        if args.family is not None:
-            if args.budget is None:
-                raise MacsError(f"--family {args.family} needs --budget (e.g. --budget 100M)")
-            budget = parse_budget(args.budget)
-            dim, macs = propose_dim(args.family, budget, args.src_len, args.tgt_len)
-            result = {"family": args.family, "budget": budget, "embed_dim": dim, "macs": macs,
-                      "fraction_of_budget": round(macs / budget, 4)}
-            print(json.dumps(result) if args.json else
-                  f"{args.family} at --budget {budget / 1e6:g}M: embed dim {dim} ({_millions(macs)} MACs, "
-                  f"{macs / budget:.1%} of the budget)")
-            return 0
-        if args.checkpoint is not None:
-            from lite.translate import load_checkpoint
-
-            model, _ = load_checkpoint(args.checkpoint, args.data)
-            arch = getattr(getattr(model, "args", None), "arch", None) or str(args.checkpoint)
-        else:
-            model, arch = build_arch(args.arch, args.vocab_size), args.arch
-        cost = measure(model, arch, args.src_len, args.tgt_len)
-    except (MacsError, CheckpointError) as e:
-        print(f"lite macs: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(asdict(cost)) if args.json else _report(cost))
-    return 0
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--arch", help="a registered lite_transformer architecture")
-    what.add_argument("--checkpoint", help="a fairseq checkpoint (.pt)")
-    what.add_argument("--family", help="propose the largest embed dim of this family within --budget "
-                                       "(lsra, transformer)")
-    what.add_argument("--markdown", action="store_true", help="print the Markdown table of every preset")
-    p.add_argument("--budget", help="with --family: MACs, e.g. 100M, 0.5G or 90000000")
-    p.add_argument("--data", help="with --checkpoint: its data dir, when not where it was trained")
-    p.add_argument("--src-len", type=int, default=SRC_LEN, help="source tokens (default: %(default)s)")
-    p.add_argument("--tgt-len", type=int, default=TGT_LEN, help="target tokens (default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
-                   help="dictionary entries for --arch (default: %(default)s); a checkpoint has its own")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_macs)
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add the ``macs`` subcommand to ``lite``'s subparsers; its handler is ``args.func(args) -> exit code``."""
-    p = subparsers.add_parser("macs", help="Mult-Adds and parameters of a model; budget presets",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m eval.macs ...``, the same as ``lite macs ...``."""
-    import lite  # noqa: F401  (registers the models)
-
-    parser = argparse.ArgumentParser(prog="python -m eval.macs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

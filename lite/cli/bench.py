@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+import eval.bench as library
 from lite.cli.types import non_negative_int, positive_int
 
 
@@ -19,32 +20,32 @@ def _threads(text: str) -> tuple[int, ...]:
 def _run(args) -> int:
     from tqdm import tqdm
 
-    from eval.bench import BenchConfig, Target, bench, markdown
     from lite.errors import LiteError
     from lite.files import write_json
     from lite.text import read_lines
 
+    Target = library.Target
     targets = [Target("torch", p, data=args.data) for p in args.checkpoint]
     targets += [Target("onnx", p, data=args.data) for p in args.model]
     targets += [Target("ort", p, data=args.data) for p in args.ort_model]
     targets += [Target("ct2", p, quantization=q, data=args.data) for p in args.ct2 for q in args.ct2_quantization]
     if not targets:
         raise LiteError("nothing to measure: give --checkpoint, --model, --ort-model or --ct2")
-    config = BenchConfig(sentences=args.sentences, threads=args.threads, repeat=args.repeat, warmup=args.warmup,
+    config = library.BenchConfig(sentences=args.sentences, threads=args.threads, repeat=args.repeat, warmup=args.warmup,
                          batch=args.batch, beam=args.beam)
     sources = read_lines(args.source)
     references = read_lines(args.reference) if args.reference else None
     with tqdm(total=len(targets) * len(config.threads) * config.repeat, desc="bench", unit="run") as bar:
-        document = bench(targets, sources, references, config, progress=lambda *_: bar.update())
+        document = library.bench(targets, sources, references, config, progress=lambda *_: bar.update())
     if args.out:
         write_json(args.out, document)
-    print(json.dumps(document, indent=2) if args.json else markdown(document))
+    print(json.dumps(document, indent=2) if args.json else library.markdown(document))
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency, throughput, memory, size and BLEU of every backend, in one run",
-                       description=__import__("eval.bench", fromlist=["_"]).__doc__,
+                       description=library.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="source sentences, one a line (e.g. <data>/raw/test2016.de)")
     p.add_argument("--reference", help="their references, for BLEU per backend")

@@ -1,4 +1,5 @@
-"""eval/macs.py: the paper's MAC and parameter figures, a hand count, FlopCounterMode, budget presets, the CLI.
+"""eval/macs.py, eval/budget.py, eval/macs_table.py, ``lite macs``: the paper's MAC and parameter figures, a hand
+count, FlopCounterMode, budget presets, the command line.
 
 Expected numbers come from the Lite Transformer paper (pinned) and from ``reference_*`` below, a hand count
 from the model args that shares no code with the torchprofile-based counter.
@@ -12,13 +13,18 @@ import warnings
 
 import pytest
 import torch
-from fairseq.models import ARCH_CONFIG_REGISTRY
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
-import lite.models.budgets  # noqa: F401  (registers the budget presets until lite/models imports them)
 from eval import macs
+from eval.budget import family_macs
+from eval.macs_table import markdown_table
+from lite.checkpoint import CheckpointError
+from lite.cli import macs as macs_cli
+from lite.cli.types import budget as parse_budget
+from lite.errors import LiteError
 from lite.models.budgets import BUDGET_PRESETS, FAMILIES
-from tests.conftest import TINY, tiny_model
+from lite.models.factory import ModelArgsError, arch_args, build_arch, lite_archs
+from tests.conftest import LITE, ROOT, TINY, run, tiny_model
 
 M = 1e6
 # Lite Transformer paper (Table 3 / Figure 1, WMT): Mult-Adds at 30 + 30 tokens; params without embeddings
@@ -30,12 +36,6 @@ TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128"]  # lightweig
 
 # ------------------------------------------------------------------------------------ hand count
 
-def _args(arch: str, **overrides) -> argparse.Namespace:
-    args = argparse.Namespace(**overrides)
-    ARCH_CONFIG_REGISTRY[arch](args)
-    return args
-
-
 def _kernels(args, side: str) -> list[int]:
     sizes = [int(k) for k in str(getattr(args, f"{side}_kernel_size_list")).split(",")]
     layers = getattr(args, f"{side}_layers")
@@ -43,8 +43,12 @@ def _kernels(args, side: str) -> list[int]:
 
 
 def _mixer(args, side: str, queries: int, keys: int, kernel: int) -> int:
-    """One mixer: attention on all channels, LSRA (attention on half, conv branch on half) or conv."""
+    """One mixer: attention on all channels, LSRA (attention on half, conv branch on half) or conv; GAU and
+    Fastformer on a whole sequence only (queries == keys)."""
     dim, mixer = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_mixer")
+    if mixer in ("gau", "fastformer"):
+        assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
+        return (_gau if mixer == "gau" else _fastformer)(args, side, queries)
     attn = {"attention": dim, "lsra": dim // 2, "conv": 0}[mixer]
     conv = dim - attn
     macs = queries * 4 * attn * attn + 2 * queries * keys * attn  # q, k, v, out projections; QK^T and AV
@@ -54,6 +58,35 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int) -> int:
         if args.conv_type == "dynamic":
             macs += queries * conv * args.conv_heads * kernel  # weight_linear: C -> H*K
     return macs
+
+
+def _gau(args, side: str, length: int) -> int:
+    """A gated attention unit on ``length`` frames (C embed, E = U/V width, S key width, L chunk size).
+
+    X -> U, V, Z: C x (2E + S) a frame; out: E x C a frame. FLASH-Quad: relu^2(QK^T) and AV over all T x T pairs,
+    T^2 (S + E). FLASH: frames padded to G whole chunks of L; in each chunk QK^T and AV over L x L pairs, and the
+    linear part: k'^T v (S x E a frame) and q' times the pooled S x E state (S x E a frame), causal or not.
+    """
+    c, s, chunk = getattr(args, f"{side}_embed_dim"), args.gau_key_dim, args.chunk_size
+    e = args.gau_hidden_dim or args.gau_expansion * c
+    macs = length * c * (2 * e + s) + length * e * c
+    if chunk == 0:
+        return macs + length * length * (s + e)
+    padded = -(-length // chunk) * chunk  # G x L
+    return macs + padded * chunk * (s + e) + 2 * padded * s * e
+
+
+def _fastformer(args, side: str, length: int) -> int:
+    """Fastformer additive attention on ``length`` frames (C channels, H heads).
+
+    q, k, v: 3 C^2 a frame; the two score layers w_q, w_k: C x H a frame each; out: C^2 a frame. Each of the two
+    softmax poolings sums the frames' C-vectors with per-head weights: C a frame for the one global vector of the
+    encoder, and in the causal decoder one prefix sum per frame, computed as a masked T x T weight matrix: T^2 C.
+    """
+    c = getattr(args, f"{side}_embed_dim")
+    heads = args.mixer_attention_heads or getattr(args, f"{side}_attention_heads")
+    pool = length * length * c if side == "decoder" else length * c
+    return length * 3 * c * c + 2 * length * c * heads + 2 * pool + length * c * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
@@ -83,14 +116,14 @@ def reference_decode_macs(args, src_len: int, tgt_len: int, beam: int, vocab: in
 def test_reference_reproduces_the_paper():
     """The hand count alone gives the paper's figures: the protocol is understood, whatever the counter does."""
     for arch, expected in PAPER_MACS.items():
-        assert sum(reference_paper_macs(_args(arch), 30, 30)) == pytest.approx(expected, rel=0.001), arch
+        assert sum(reference_paper_macs(arch_args(arch), 30, 30)) == pytest.approx(expected, rel=0.001), arch
 
 
 # ------------------------------------------------------------------------------------ the counter
 
 @pytest.mark.parametrize("arch", sorted(PAPER_MACS))
 def test_paper_macs_and_params(arch):
-    model = macs.build_arch(arch, vocab_size=100)
+    model = build_arch(arch, vocab_size=100)
     measured = macs.paper_macs(model, 30, 30)
     assert measured.total == pytest.approx(PAPER_MACS[arch], rel=0.01)
     assert (measured.encoder, measured.decoder) == reference_paper_macs(model.args, 30, 30)
@@ -106,10 +139,22 @@ def test_hand_count_on_tiny_model(arch):
         paper = macs.paper_macs(model, src_len=7, tgt_len=5)
         decode = macs.decode_macs(model, src_len=7, tgt_len=6, beam=3, every_step=True)
     assert not [w for w in caught if "not counted" in str(w.message)]  # every operator is known
-    args = _args(arch, **TINY)
+    args = arch_args(arch, **TINY)
     assert (paper.encoder, paper.decoder) == reference_paper_macs(args, 7, 5)
     assert (decode.encoder, decode.decoder, decode.output_projection) == \
         reference_decode_macs(args, 7, 6, beam=3, vocab=len(model.decoder.dictionary))
+
+
+@pytest.mark.parametrize("arch,overrides", [("flash_quad_100m", {}),
+                                            ("flash_100m", {"chunk_size": 4}),  # 7 and 5 frames: a padded chunk
+                                            ("fastformer_100m", {})])
+def test_hand_count_gau_and_fastformer_tiny(arch, overrides):
+    model = tiny_model(arch, **overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paper = macs.paper_macs(model, src_len=7, tgt_len=5)
+    assert not [w for w in caught if "not counted" in str(w.message)]  # every operator is known
+    assert (paper.encoder, paper.decoder) == reference_paper_macs(model.args, 7, 5)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -146,7 +191,7 @@ def test_flop_counter_agrees_but_for_dynamic_conv_taps(arch):
     model, src_len, tgt_len = tiny_model(arch), 7, 5
     source, target = torch.randn(src_len, 1, 16), torch.randn(tgt_len, 1, 16)
     mask = torch.zeros(1, src_len, dtype=torch.bool)
-    args = _args(arch, **TINY)
+    args = arch_args(arch, **TINY)
     # DynamicConv's taps are a broadcast mul + sum, no matmul kernel: FlopCounterMode does not see them
     conv = 16 - 16 // 2  # the LSRA conv branch's channels
     dynamic = args.encoder_mixer == "lsra" and args.conv_type == "dynamic"
@@ -161,7 +206,7 @@ def test_flop_counter_agrees_but_for_dynamic_conv_taps(arch):
 
 def _budget_presets() -> list[tuple[str, int]]:
     found = []
-    for arch in macs.lite_archs():
+    for arch in lite_archs():
         match = re.fullmatch(r".+_(\d+)([mg])", arch)
         if match:
             found.append((arch, int(match.group(1)) * {"m": 10**6, "g": 10**9}[match.group(2)]))
@@ -179,32 +224,44 @@ def test_budget_registry_names_registered_presets():
 
 @pytest.mark.parametrize("arch,budget", _budget_presets())
 def test_budget_preset_fits_its_budget(arch, budget):
-    measured = macs.paper_macs(macs.build_arch(arch, vocab_size=100)).total
-    assert 0.9 * budget <= measured <= budget, f"{arch}: {measured:,} MACs, outside [0.9, 1] x {budget:,}"
+    model = build_arch(arch, vocab_size=100)
+    measured = macs.paper_macs(model)
+    # the count itself, by hand: GAU (FLASH-Quad, FLASH) and Fastformer presets as well as LSRA and attention
+    assert (measured.encoder, measured.decoder) == reference_paper_macs(model.args, 30, 30)
+    total = measured.total
+    assert 0.9 * budget <= total <= budget, f"{arch}: {total:,} MACs, outside [0.9, 1] x {budget:,}"
 
 
 def test_propose_dim_gives_the_preset(capsys):
-    assert macs.main(["--family", "transformer", "--budget", "100M", "--json"]) == 0
+    assert _lite_macs(["--family", "transformer", "--budget", "100M", "--json"]) == 0
     proposal = json.loads(capsys.readouterr().out)
-    assert proposal["embed_dim"] == _args("transformer_100m").encoder_embed_dim == 136
-    assert proposal["macs"] <= 100 * M < macs.family_macs("transformer", 136 + FAMILIES["transformer"].multiple)
+    assert proposal["embed_dim"] == arch_args("transformer_100m").encoder_embed_dim == 136
+    assert proposal["macs"] <= 100 * M < family_macs("transformer", 136 + FAMILIES["transformer"].multiple)
 
 
 @pytest.mark.parametrize("text,value", [("100M", 10**8), ("0.5G", 5 * 10**8), ("90000000", 9 * 10**7),
                                         ("500k", 5 * 10**5)])
 def test_parse_budget(text, value):
-    assert macs.parse_budget(text) == value
+    assert parse_budget(text) == value
 
 
 # ------------------------------------------------------------------------------------ CLI
 
+def _lite_macs(argv: list[str]) -> int:
+    """``lite macs ARGV`` in this process, the macs group alone; errors propagate (``lite.cli.main`` maps them)."""
+    parser = argparse.ArgumentParser(prog="lite")
+    macs_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["macs", *argv])
+    return args.func(args)
+
+
 def test_cli_json(capsys):
-    assert macs.main(["--arch", "transformer_d128", "--src-len", "6", "--tgt-len", "5", "--vocab-size", "50",
-                      "--json"]) == 0
+    assert _lite_macs(["--arch", "transformer_d128", "--src-len", "6", "--tgt-len", "5", "--vocab-size", "50",
+                       "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for field in ("macs", "params", "params_no_embed", "decode_macs_beam1", "decode_macs_beam4"):
         assert isinstance(result[field], int), field
-    args = _args("transformer_d128")
+    args = arch_args("transformer_d128")
     assert result["macs"] == sum(reference_paper_macs(args, 6, 5))
     for beam in (1, 4):
         assert result[f"decode_macs_beam{beam}"] == sum(reference_decode_macs(args, 6, 5, beam, vocab=50))
@@ -220,31 +277,48 @@ def test_decode_includes_the_output_projection():
     assert four.total > one.total and one.encoder == four.encoder  # the encoder runs once either way
 
 
-@pytest.mark.parametrize("argv,message", [(["--arch", "nope"], "not a lite_transformer architecture"),
-                                          (["--family", "lsra"], "needs --budget"),
-                                          (["--arch", "transformer_d128", "--budget", "1M"], "goes with --family"),
-                                          (["--family", "lsra", "--budget", "lots"], "expected a number")])
-def test_cli_errors_name_the_option(argv, message, capsys):
-    assert macs.main(argv) == 2
-    assert message in capsys.readouterr().err
+@pytest.mark.parametrize("argv,error,message", [
+    (["--arch", "nope"], ModelArgsError, "not a lite_transformer architecture"),
+    (["--family", "lsra"], macs.MacsError, "needs --budget"),
+    (["--family", "nope", "--budget", "1M"], macs.MacsError, "valid families are"),
+    (["--family", "lsra", "--budget", "1k"], macs.MacsError, "even lsra at d=8 needs"),
+    (["--arch", "transformer_d128", "--budget", "1M"], macs.MacsError, "goes with --family")])
+def test_cli_errors_name_the_option(argv, error, message):
+    with pytest.raises(error, match=message) as raised:
+        _lite_macs(argv)
+    assert isinstance(raised.value, LiteError)  # `lite` prints it as one line, exit code 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--family", "lsra", "--budget", "0"], "argument --budget: '0': a budget must be > 0"),
+    (["--family", "lsra", "--budget", "abc"], "argument --budget: 'abc': not a MAC count"),
+    (["--arch", "transformer_d128", "--src-len", "0"], "argument --src-len: '0': must be an integer >= 1"),
+    (["--arch", "nope"], "--arch 'nope' is not a lite_transformer architecture")])
+def test_cli_bad_argument_is_one_line_exit_2(argv, message):
+    out = run([*LITE, "macs", *argv], cwd=ROOT)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and [line for line in lines if "error:" in line] == lines[-1:]
+    assert lines[-1].startswith("lite macs: error: ") and message in lines[-1]
 
 
 def test_markdown_table():
-    table = macs.markdown_table(["transformer_d128"], src_len=4, tgt_len=3, vocab_size=20).splitlines()
+    table = markdown_table(["transformer_d128"], src_len=4, tgt_len=3, vocab_size=20).splitlines()
     assert table[0].startswith("| `--arch` | MACs (4+3) |") and table[1].startswith("|---")
     assert table[2].startswith("| `transformer_d128` |")
+    assert table[-1].endswith("Generated by `lite macs --markdown`.")
 
 
 def test_cli_checkpoint(monkeypatch, capsys, tmp_path):
-    import lite.translate
+    import lite.checkpoint
 
     model = tiny_model("lsra_wmt_200")
     model.args.arch = "lsra_wmt_200"
-    monkeypatch.setattr(lite.translate, "load_checkpoint", lambda path, data=None: (model, None))
-    assert macs.main(["--checkpoint", "any.pt", "--src-len", "5", "--tgt-len", "4", "--json"]) == 0
+    monkeypatch.setattr(lite.checkpoint, "load_model", lambda path, data=None: (model, None))
+    assert _lite_macs(["--checkpoint", "any.pt", "--src-len", "5", "--tgt-len", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["arch"] == "lsra_wmt_200" and result["vocab_size"] == len(model.decoder.dictionary)
-    assert result["macs"] == sum(reference_paper_macs(_args("lsra_wmt_200", **TINY), 5, 4))
+    assert result["macs"] == sum(reference_paper_macs(arch_args("lsra_wmt_200", **TINY), 5, 4))
     monkeypatch.undo()
-    assert macs.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
-    assert "not found" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not found"):
+        _lite_macs(["--checkpoint", str(tmp_path / "missing.pt")])
