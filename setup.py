@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     # torch and fairseq are installed by the Makefile (CPU wheel; fairseq with --no-deps)
     install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile", "torch-pruning",
-                      "onnx>=1.16", "onnxruntime>=1.20", "onnxslim"],
+                      "onnx>=1.16", "onnxruntime>=1.20", "onnxslim", "ctranslate2>=4.7",
+                      "matplotlib"],
     entry_points={"console_scripts": ["lite = lite.cli:main"]},
 )

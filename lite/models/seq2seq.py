@@ -35,7 +35,7 @@ def _kernel_sizes(value: Any, layers: int) -> List[int]:
     return sizes
 
 
-def _mixer_heads(args, side: str) -> tuple[int, int | None]:
+def mixer_heads(args, side: str) -> tuple[int, int | None]:
     """(heads, head dim or None) of a side's mixer attention: --mixer-attention-heads/-head-dim when the heads are
     set, else the side's --{side}-attention-heads/-head-dim."""
     if getattr(args, "mixer_attention_heads", None):
@@ -47,7 +47,7 @@ def _mixer_heads(args, side: str) -> tuple[int, int | None]:
 
 
 def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
-    heads, head_dim = _mixer_heads(args, side)
+    heads, head_dim = mixer_heads(args, side)
     return MixerSpec(
         embed_dim=getattr(args, f"{side}_embed_dim"),
         attention_heads=heads,
