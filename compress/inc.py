@@ -6,7 +6,7 @@ Intel Neural Compressor's ONNX Runtime edition (``onnx-neural-compressor``) tune
 ``autotune`` quantizes the graph with each config of a set in turn, scores each with an evaluation function and
 stops at the first whose score is within the tolerable loss of the fp32 baseline. Ours scores a whole model dir:
 the candidate graph beside the other graph, BLEU (sacrebleu) of beam search on a held-out slice (default: the
-first ``compress.quantize.HELDOUT_LINES`` lines of the valid split of the data model.json names). The encoder is
+first ``compress.calibration.HELDOUT_LINES`` lines of the valid split of the data model.json names). The encoder is
 tuned first (with the fp32 decoder step), then the decoder step beside the chosen encoder. The criterion is
 absolute: BLEU of the final model >= fp32 BLEU - ``max_bleu_drop``; each stage's relative ``tolerable_loss`` is
 derived from it, so the decoder step gets whatever the encoder left of the budget.
@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from export.runtime import GRAPHS, Translator, copy_non_graph_files, load_description, write_model_dir
+from eval.bleu import corpus_bleu
+from export.model_dir import GRAPHS, ModelDir, write_description
+from export.runtime import Translator
 from export.search import SearchOptions
 
 logger = logging.getLogger(__name__)
@@ -115,30 +117,25 @@ class _ModelDirScorer:
 
     def __init__(self, model_dir: Path, work: Path, sources: List[str], references: List[str],
                  options: SearchOptions, nodes: Dict[str, List[str]]):
-        self.model_dir, self.work = model_dir, work
+        self.work = work
         self.sources, self.references, self.options = sources, references, options
-        self.description = load_description(model_dir)
-        self.current = {g: model_dir / f"{g}.onnx" for g in GRAPHS}  # the graphs chosen so far
+        self.source = ModelDir.open(model_dir)
+        self.current = {g: self.source.graph(g) for g in GRAPHS}  # the graphs chosen so far
         self.graph, self.error = GRAPHS[0], None
         self.baseline = math.nan  # BLEU of ``current``, known before INC scores it again as its baseline
         self.nodes = nodes
         self.kept: List[tuple] = []  # (graph file, config, BLEU) of each call: INC's fp32 baseline first
 
     def bleu(self, graphs: Dict[str, Path]) -> float:
-        from sacrebleu.metrics import BLEU
-
-        staging = Path(tempfile.mkdtemp(prefix=".trial.", dir=self.work))
-        out = staging.with_name(staging.name + ".dir")
-        copy_non_graph_files(self.model_dir, self.description, staging)
-        for g, path in graphs.items():
-            shutil.copy2(path, staging / f"{g}.onnx")
-        description = {k: v for k, v in self.description.items() if k != "files"}
-        write_model_dir(staging, out, description)
-        try:
-            hypotheses = Translator(out, self.options).translate(self.sources)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-        return round(BLEU().corpus_score(hypotheses, [self.references]).score, 2)
+        """BLEU (2 decimals) of the model dir made of these graphs and the source dir's other files."""
+        with tempfile.TemporaryDirectory(prefix=".trial.", dir=self.work) as trial:
+            trial = Path(trial)
+            self.source.copy_non_graph_files(trial)
+            for g, path in graphs.items():
+                shutil.copy2(path, trial / f"{g}.onnx")
+            write_description(trial, {k: v for k, v in self.source.description.items() if k != "files"})
+            hypotheses = Translator(trial, self.options).translate(self.sources)
+        return round(corpus_bleu(hypotheses, self.references), 2)
 
     def __call__(self, model_path: str) -> float:
         import onnx

@@ -23,8 +23,8 @@ Methods
                            dictionary mostly does not know (> 50% of their pieces unk) are refused: a mismatch.
                            MatMul outputs stay fp32 (``OpTypesToExcludeOutputQuantization``): they feed the bias
                            Add, which is fp32, so a Q/DQ there would only add rounding.
-    inc-tune               Intel Neural Compressor's accuracy-aware autotune (``compress.inc``): dynamic, static,
-                           SmoothQuant+static and dynamic with the output projection in fp32, tried in turn per
+    inc-tune               Intel Neural Compressor's accuracy-aware autotune (``compress.inc``): dynamic, static
+                           (QDQ) and dynamic with the output projection in fp32 (not SmoothQuant: see compress/inc.py), tried in turn per
                            graph until BLEU on a held-out slice (default: the first lines of the valid split) is
                            within ``--max-bleu-drop`` of fp32. Calibration as ort-static. When no config meets it,
                            the best is written all the same and the command exits 3, unless ``--allow-loss``.
@@ -52,41 +52,26 @@ output against the same tensor of the fp32 graph (see there); ``CalibrationData.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Sequence
 
 import numpy as np
 
-from export.runtime import (GRAPHS, ModelDirError, Translator, copy_non_graph_files, load_description, sha256,
-                            write_model_dir)
+from compress.calibration import (CALIBRATION_LINES, HELDOUT_LINES, CalibrationData, CalibrationReader,
+                                  default_calibration_lines, heldout_lines)
+from compress.errors import CriterionNotMet, QuantizeError
+from export.model_dir import DESCRIPTION, GRAPHS, ModelDir, sha256, stage, write_description
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("ort-dynamic", "ort-static", "inc-tune")
-CALIBRATION_LINES = 256  # lines of <data>/raw/train.<src> when none are given
-HELDOUT_LINES = 300  # inc-tune: valid lines scored with BLEU per trial
-CALIBRATION_BATCH = 16  # sentences per calibration batch (encoder run + greedy decoding steps)
-MAX_UNK = 0.5  # calibration lines with more unknown pieces than this are another language/vocabulary
 # op types that only a quantized graph has: a model dir holding any of them is refused
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                            "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger",
                            "QLinearConv", "QGemm", "QAttention"})
-
-
-class QuantizeError(ValueError):
-    """A model dir, option or calibration set that cannot be quantized as asked; the message names it and the fix."""
-
-
-class CriterionNotMet(QuantizeError):
-    """inc-tune found no config within ``--max-bleu-drop``; the best one was written all the same."""
 
 
 @dataclass(frozen=True)
@@ -231,96 +216,6 @@ def sqnr_per_matmul(float_graph: str | Path, quantized_graph: str | Path,
     return {n.name: (math.inf if e == 0 else 10 * math.log10(s / e)) for n, s, e in zip(nodes, signal, noise)}
 
 
-# ------------------------------------------------------------------------------------------------ calibration
-
-def default_calibration_lines(description: dict, count: int = CALIBRATION_LINES) -> tuple[List[str], Path]:
-    """The first ``count`` lines of ``<data>/raw/train.<src>`` of the data dir model.json names."""
-    path = Path(description["data"]) / "raw" / f"train.{description['src']}"
-    if not path.is_file():
-        raise QuantizeError(f"ort-static needs calibration text: {path} (model.json 'data' + 'src') does not exist; "
-                            f"pass calibration lines (--calibration FILE, source-language sentences, one a line)")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for _, line in zip(range(count), f)]
-    return lines, path
-
-
-class CalibrationData:
-    """Real inputs for both graphs: source lines -> encoder feeds; greedy decoding on the fp32 graphs -> decoder-step
-    feeds, one per step. Made lazily (the decoder states of a few hundred steps would not fit in memory at once).
-
-    Lines are checked first: more than ``MAX_UNK`` of their pieces (the lone word-boundary piece "▁" not counted)
-    unknown to the dictionary is a mismatch (another language, another model's data) and raises ``QuantizeError``.
-    """
-
-    def __init__(self, model_dir: str | Path, lines: Sequence[str], batch_size: int = CALIBRATION_BATCH,
-                 source: str = "calibration lines"):
-        self.translator = t = Translator(model_dir)
-        rows = [t.encode(line) for line in lines if line.strip()]
-        if not rows:
-            raise QuantizeError(f"{source}: no non-empty lines to calibrate with")
-        # the lone word-boundary piece carries no text (sentencepiece emits it before an unknown word): not counted
-        content = [r[:-1][r[:-1] != t.index.get("\u2581", -1)] for r in rows]  # eos dropped too
-        pieces = sum(len(c) for c in content)
-        unknown = sum(int(np.sum(c == t.description["unk"])) for c in content)
-        self.lines, self.unk_fraction = len(rows), unknown / max(pieces, 1)
-        if self.unk_fraction > MAX_UNK:
-            raise QuantizeError(f"{source}: {self.unk_fraction:.0%} of the {pieces} sentencepiece pieces of its "
-                                f"{len(rows)} lines are unknown to {t.model_dir / 'vocab.txt'}: not "
-                                f"{t.description['src']!r} text of this model's data ({t.description['data']}); "
-                                f"give source-language lines like <data>/raw/train.{t.description['src']}")
-        rows.sort(key=len)  # batches of similar length: little padding
-        self.batches = [t._batch(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-
-    def feeds(self, graph: str) -> Iterator[Dict[str, np.ndarray]]:
-        """Feeds of ``graph`` ("encoder" | "decoder_step"), batch by batch."""
-        if graph not in GRAPHS:
-            raise ValueError(f"graph {graph!r}: use one of {GRAPHS}")
-        for src in self.batches:
-            if graph == "encoder":
-                yield {"src_tokens": src}
-            else:
-                yield from self._steps(src)
-
-    def _steps(self, src: np.ndarray) -> Iterator[Dict[str, np.ndarray]]:
-        """Greedy decoding of one batch [B, S] on the fp32 graphs; yields each step's decoder-step feeds."""
-        t, d = self.translator, self.translator.description
-        model = t.model
-        mask, *memory = model.encoder.run(None, {"src_tokens": src})
-        rows = src.shape[0]
-        states = [s.initial(rows) for s in model.states]
-        tokens = np.full(rows, d["eos"], dtype=np.int64)  # fairseq starts decoding from eos
-        order = np.arange(rows, dtype=np.int64)  # greedy: no beam reordering
-        finished = np.zeros(rows, dtype=bool)
-        max_len = min(int(t.options.max_len_a * src.shape[1] + t.options.max_len_b), d["max_target_positions"] - 1)
-        for step in range(max_len + 1):
-            feeds = {"tokens": tokens, "step": np.array(step, dtype=np.int64), "order": order,
-                     "encoder_padding_mask": mask, **dict(zip(model.memory_names, memory)),
-                     **{s.name: v for s, v in zip(model.states, states)}}
-            yield feeds
-            log_probs, *states = model.decoder_step.run(None, feeds)
-            log_probs[:, d["pad"]] = -np.inf
-            if step == 0:
-                log_probs[:, d["eos"]] = -np.inf  # min_len 1, as the search
-            tokens = log_probs.argmax(axis=1).astype(np.int64)
-            finished |= tokens == d["eos"]
-            if finished.all():
-                break
-
-
-class _Reader:
-    """onnxruntime's ``CalibrationDataReader`` protocol over ``CalibrationData.feeds(graph)``."""
-
-    def __init__(self, data: CalibrationData, graph: str):
-        self.data, self.graph = data, graph
-        self.rewind()
-
-    def get_next(self) -> Dict[str, np.ndarray] | None:
-        return next(self.iterator, None)
-
-    def rewind(self) -> None:
-        self.iterator = self.data.feeds(self.graph)
-
-
 # ------------------------------------------------------------------------------------------------ quantize
 
 class _NoPreprocessHint(logging.Filter):
@@ -331,26 +226,27 @@ class _NoPreprocessHint(logging.Filter):
         return record.levelno >= logging.WARNING and "pre-processing" not in record.getMessage()
 
 
-def _check_not_quantized(model_dir: Path, description: dict) -> None:
+def _check_not_quantized(source: ModelDir) -> None:
     import onnx
 
-    entry = description.get("quantization")
+    entry = source.description.get("quantization")
     if entry is not None:
-        raise QuantizeError(f"{model_dir / 'model.json'} has a 'quantization' entry ({entry.get('method')}, from "
+        raise QuantizeError(f"{source.path / DESCRIPTION} has a 'quantization' entry ({entry.get('method')}, from "
                             f"{entry.get('source', {}).get('dir', '?')}): already quantized; quantize the fp32 model "
                             f"dir that `lite export` wrote instead")
     for graph in GRAPHS:
-        ops = _quantized_ops(onnx.load(str(model_dir / f"{graph}.onnx")))
+        path = source.graph(graph)
+        ops = _quantized_ops(onnx.load(str(path)))
         if ops:
-            raise QuantizeError(f"{model_dir / graph}.onnx holds {', '.join(ops)}: already quantized; quantize the "
-                                f"fp32 model dir that `lite export` wrote instead")
+            raise QuantizeError(f"{path} holds {', '.join(ops)}: already quantized; quantize the fp32 model dir that "
+                                f"`lite export` wrote instead")
 
 
 def quantize_graph(source: str | Path, target: str | Path, config: QuantizeConfig = QuantizeConfig(),
                    reader=None) -> None:
     """Quantize one graph file into ``target``: its constant-weight MatMul/Gemm nodes, named explicitly (QDQ's
     ``MatMulConstBOnly`` alone still quantizes activation x activation MatMuls). ``reader``: ort-static's
-    calibration feeds (an object with ``get_next()``, e.g. ``_Reader(CalibrationData(...), graph)``)."""
+    calibration feeds (an object with ``get_next()``, e.g. ``CalibrationReader(CalibrationData(...), graph)``)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -386,11 +282,11 @@ def quantize_graph(source: str | Path, target: str | Path, config: QuantizeConfi
     onnx.save(model, str(target))
 
 
-def _summary(config: QuantizeConfig, model_dir: Path, staging: Path, counts: dict, calibration: dict | None) -> dict:
+def _summary(config: QuantizeConfig, source: ModelDir, staging: Path, counts: dict, calibration: dict | None) -> dict:
     import onnxruntime
 
     preset = PRESETS[config.preset]
-    size = {g: {"before": (model_dir / f"{g}.onnx").stat().st_size, "after": (staging / f"{g}.onnx").stat().st_size}
+    size = {g: {"before": source.graph(g).stat().st_size, "after": (staging / f"{g}.onnx").stat().st_size}
             for g in GRAPHS}
     size["total"] = {k: sum(size[g][k] for g in GRAPHS) for k in ("before", "after")}
     activations = ("uint8 asymmetric, per tensor, at run time" if config.method == "ort-dynamic" else
@@ -400,21 +296,21 @@ def _summary(config: QuantizeConfig, model_dir: Path, staging: Path, counts: dic
             "weights": "int8 symmetric" + (", 7-bit (reduce_range)" if preset.reduce_range else ""),
             "activations": activations, "quantized": counts, "bytes": size,
             **({"calibration": calibration} if calibration else {}),
-            "source": {"dir": str(model_dir.resolve()), "model_jsonsha256": sha256(model_dir / "model.json")},
+            "source": {"dir": str(source.path.resolve()), "model_jsonsha256": sha256(source.path / DESCRIPTION)},
             "onnxruntime": onnxruntime.__version__}
 
 
-def heldout_lines(description: dict, count: int = HELDOUT_LINES) -> tuple[List[str], List[str]]:
-    """The first ``count`` (source, reference) lines of the valid split of the data dir model.json names."""
-    raw = Path(description["data"]) / "raw"
-    paths = [raw / f"valid.{description[k]}" for k in ("src", "tgt")]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise QuantizeError(f"inc-tune scores BLEU on held-out text: {', '.join(missing)} (model.json 'data') does "
-                            f"not exist; pass --eval-source and --eval-reference")
-    sources, references = ([line.rstrip("\n") for _, line in zip(range(count), open(p, encoding="utf-8"))]
-                           for p in paths)
-    return sources, references
+def _counts(float_graph: Path, graph_file: Path) -> dict:
+    """Quantized MatMul/Gemm nodes of a graph, and the constant-weight ones of its fp32 source."""
+    import onnx
+
+    nodes = quantized_matmuls(onnx.load(str(graph_file)))
+    counts = {op: sum(n.op_type == op for n in nodes) for op in ("MatMul", "Gemm")}
+    counts["constant_weight_matmuls_fp32"] = len(constant_weight_matmuls(onnx.load(str(float_graph))))
+    if len(nodes) != counts["constant_weight_matmuls_fp32"]:
+        logger.warning(f"{graph_file.stem}: {len(nodes)} of {counts['constant_weight_matmuls_fp32']} "
+                       f"constant-weight MatMul/Gemm nodes quantized")
+    return counts
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dynamic", preset: str = "avx2",
@@ -427,75 +323,60 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
     ``CALIBRATION_LINES`` of the training text model.json names). ``inc-tune`` only: ``heldout`` (sources,
     references) scored with BLEU (default: the first ``eval_lines`` of ``heldout_lines``), ``max_bleu_drop``, and
     ``allow_loss``: without it a tuning that meets no criterion raises ``CriterionNotMet`` after writing the best
-    model dir.
+    model dir. An existing ``out_dir`` must be a model dir and needs ``force`` (``lite.files.OutputError``).
     """
     import onnx
 
+    from export.ort_format import to_ort
+
     config = QuantizeConfig(method, preset)
-    model_dir, out = Path(model_dir), Path(out_dir)
-    description = load_description(model_dir)  # every file checked against its sha256
-    _check_not_quantized(model_dir, description)
-    if out.resolve() == model_dir.resolve():
+    out = Path(out_dir)
+    source = ModelDir.open(model_dir)  # every file checked against its sha256
+    description = source.description
+    _check_not_quantized(source)
+    if out.resolve() == source.path.resolve():
         raise QuantizeError(f"--out {out} is the model dir itself; choose another dir")
-    if out.exists() and not (out / "model.json").is_file() and any(out.iterdir()):
-        raise QuantizeError(f"{out} exists and is not a model dir; choose another --out")
-    if out.exists() and not force:
-        raise QuantizeError(f"{out} already holds a model; pass --force to replace it")
-    if method == "inc-tune":
-        sources, references = heldout if heldout is not None else heldout_lines(description, eval_lines)
-        if len(sources) != len(references) or not sources:
-            raise QuantizeError(f"held-out text: {len(sources)} source and {len(references)} reference lines; "
-                                f"give the same number, at least one")
-    calibration, calibration_entry = None, None
-    if config.method in ("ort-static", "inc-tune"):
-        source = "calibration lines"
-        if calibration_lines is None:
-            calibration_lines, path = default_calibration_lines(description)
-            source = str(path)
-        calibration = CalibrationData(model_dir, calibration_lines, source=source)
-        calibration_entry = {"source": source, "lines": calibration.lines,
-                             "unk_fraction": round(calibration.unk_fraction, 4), "method": "MinMax"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tuned = None
-    try:
+    with stage(out, force) as staging:
+        if method == "inc-tune":
+            sources, references = heldout if heldout is not None else heldout_lines(description, eval_lines)
+            if len(sources) != len(references) or not sources:
+                raise QuantizeError(f"held-out text: {len(sources)} source and {len(references)} reference lines; "
+                                    f"give the same number, at least one")
+        calibration, calibration_entry = None, None
+        if config.method in ("ort-static", "inc-tune"):
+            text = "calibration lines"
+            if calibration_lines is None:
+                calibration_lines, path = default_calibration_lines(description)
+                text = str(path)
+            calibration = CalibrationData(source.path, calibration_lines, source=text)
+            calibration_entry = {"source": text, "lines": calibration.lines,
+                                 "unk_fraction": round(calibration.unk_fraction, 4), "method": "MinMax"}
         if config.method == "inc-tune":
             from compress.inc import tune
 
-            nodes = {g: constant_weight_matmuls(onnx.load(str(model_dir / f"{g}.onnx"))) for g in GRAPHS}
-            tuned = tune(model_dir, staging, nodes, PRESETS[config.preset],
-                         lambda g: _Reader(calibration, g), list(sources), list(references), max_bleu_drop)
+            nodes = {g: constant_weight_matmuls(onnx.load(str(source.graph(g)))) for g in GRAPHS}
+            tuned = tune(source.path, staging, nodes, PRESETS[config.preset],
+                         lambda g: CalibrationReader(calibration, g), list(sources), list(references), max_bleu_drop)
         counts = {}
         for graph in GRAPHS:
             target = staging / f"{graph}.onnx"
             if tuned is None:
-                reader = _Reader(calibration, graph) if calibration else None
-                quantize_graph(model_dir / f"{graph}.onnx", target, config, reader)
+                reader = CalibrationReader(calibration, graph) if calibration else None
+                quantize_graph(source.graph(graph), target, config, reader)
             onnx.checker.check_model(str(target))
-            float_model, model = onnx.load(str(model_dir / f"{graph}.onnx")), onnx.load(str(target))
-            nodes = quantized_matmuls(model)
-            counts[graph] = {op: sum(n.op_type == op for n in nodes) for op in ("MatMul", "Gemm")}
-            counts[graph]["constant_weight_matmuls_fp32"] = len(constant_weight_matmuls(float_model))
-            if len(nodes) != counts[graph]["constant_weight_matmuls_fp32"]:
-                logger.warning(f"{graph}: {len(nodes)} of {counts[graph]['constant_weight_matmuls_fp32']} "
-                               f"constant-weight MatMul/Gemm nodes quantized")
-        copy_non_graph_files(model_dir, description, staging)
-        if any(name.startswith("ort/") for name in description["files"]):
-            from export.exporter import _to_ort  # the same conversion as `lite export --ort`
-
-            _to_ort(staging)
+            counts[graph] = _counts(source.graph(graph), target)
+        source.copy_non_graph_files(staging)
+        if source.has_ort:
+            to_ort(staging)  # the same conversion as `lite export --ort`
         opset = next(o.version for o in onnx.load(str(staging / "encoder.onnx")).opset_import
                      if o.domain in ("", "ai.onnx"))
-        summary = _summary(config, model_dir, staging, counts, calibration_entry)
+        summary = _summary(config, source, staging, counts, calibration_entry)
         if tuned is not None:
             summary["tuning"] = {"max_bleu_drop": max_bleu_drop, "heldout_lines": len(sources), **tuned.as_dict()}
-        new = {**description, "opset": opset, "quantization": summary}
-        write_model_dir(staging, out, new)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    size = new["quantization"]["bytes"]["total"]
-    logger.info(f"quantized {model_dir} to {out} ({config.method}, {config.preset}): {size['before']:,} -> "
+        write_description(staging, {**description, "opset": opset, "quantization": summary})
+    size = summary["bytes"]["total"]
+    logger.info(f"quantized {source.path} to {out} ({config.method}, {config.preset}): {size['before']:,} -> "
                 f"{size['after']:,} bytes")
     if tuned is not None and not tuned.met and not allow_loss:
         raise CriterionNotMet(f"no config kept BLEU within {max_bleu_drop} of fp32 ({tuned.fp32_bleu}): the best, "
@@ -503,71 +384,6 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
     return out
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-def _read_lines(path: str, flag: str) -> List[str]:
-    if not Path(path).is_file():
-        raise QuantizeError(f"{flag} {path}: no such file")
-    return Path(path).read_text(encoding="utf-8").splitlines()
-
-
-def _quantize(args: argparse.Namespace) -> int:
-    try:
-        if (args.eval_source is None) != (args.eval_reference is None):
-            raise QuantizeError("--eval-source and --eval-reference go together")
-        lines = _read_lines(args.calibration, "--calibration") if args.calibration else None
-        heldout = None
-        if args.eval_source:
-            heldout = tuple(_read_lines(p, f)[:args.eval_lines] for p, f in
-                            ((args.eval_source, "--eval-source"), (args.eval_reference, "--eval-reference")))
-        out = quantize(args.model_dir, args.out, method=args.method, preset=args.preset, calibration_lines=lines,
-                       force=args.force, max_bleu_drop=args.max_bleu_drop, heldout=heldout,
-                       allow_loss=args.allow_loss, eval_lines=args.eval_lines)
-    except CriterionNotMet as e:
-        print(f"lite compress quantize: {e}", file=sys.stderr)
-        return 3
-    except (QuantizeError, ModelDirError) as e:
-        print(f"lite compress quantize: error: {e}", file=sys.stderr)
-        return 2
-    entry = json.loads((out / "model.json").read_text())["quantization"]
-    size = entry["bytes"]["total"]
-    counts = ", ".join(f"{g} {c['MatMul'] + c['Gemm']}/{c['constant_weight_matmuls_fp32']}"
-                       for g, c in entry["quantized"].items())
-    print(f"{out}: {entry['method']} ({entry['preset']}), int8 MatMul/Gemm: {counts}; graphs {size['before']:,} -> "
-          f"{size['after']:,} bytes ({size['after'] / size['before']:.0%})")
-    if "tuning" in entry:
-        t = entry["tuning"]
-        chosen = ", ".join(f"{g} {v['chosen']}" for g, v in t["graphs"].items())
-        print(f"inc-tune: BLEU fp32 {t['fp32_bleu']} -> {t['bleu']} on {t['heldout_lines']} held-out lines "
-              f"(criterion >= {t['threshold']}: {'met' if t['met'] else 'NOT met'}); chosen: {chosen}")
-    return 0
-
-
-def add_quantize_parser(actions) -> argparse.ArgumentParser:
-    """Add the ``quantize`` action to ``lite compress``'s subparsers (``compress.prune.register_cli`` returns them)."""
-    p = actions.add_parser("quantize", help="int8 of an exported model dir (ONNX Runtime)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", help="a model dir written by `lite export`")
-    p.add_argument("--out", required=True, help="the quantized model dir to write")
-    p.add_argument("--method", choices=METHODS, default="ort-dynamic", help="default: %(default)s")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="avx2",
-                   help="target hardware: " + "; ".join(f"{p.name}: {p.why}" for p in PRESETS.values())
-                        + " (default: %(default)s)")
-    p.add_argument("--calibration", help=f"ort-static: source sentences, one a line (default: the first "
-                                         f"{CALIBRATION_LINES} lines of <data>/raw/train.<src>)")
-    p.add_argument("--max-bleu-drop", type=float, default=0.3,
-                   help="inc-tune: BLEU the int8 model may lose on the held-out text (default: %(default)s)")
-    p.add_argument("--allow-loss", action="store_true",
-                   help="inc-tune: when no config meets --max-bleu-drop, keep the best and exit 0 (else exit 3)")
-    p.add_argument("--eval-source", help="inc-tune: held-out source sentences (default: <data>/raw/valid.<src>)")
-    p.add_argument("--eval-reference", help="inc-tune: their references (default: <data>/raw/valid.<tgt>)")
-    p.add_argument("--eval-lines", type=int, default=HELDOUT_LINES,
-                   help="inc-tune: held-out lines scored per trial (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out model dir")
-    p.set_defaults(func=_quantize)
-    return p
-
-
 __all__ = ["quantize", "quantize_graph", "sqnr_per_matmul", "quantized_matmuls", "constant_weight_matmuls",
-           "CalibrationData", "QuantizeConfig", "QuantizeError", "CriterionNotMet", "PRESETS", "METHODS",
-           "add_quantize_parser", "heldout_lines"]
+           "QuantizeConfig", "QuantizeError", "CriterionNotMet", "Preset", "PRESETS", "METHODS", "CALIBRATION_LINES",
+           "HELDOUT_LINES"]

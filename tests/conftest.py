@@ -13,7 +13,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
-import lite  # noqa: F401  (registers the models)
+import lite.models  # noqa: F401  (registers the models)
 from lite.models import LiteTransformerModel
 
 TINY = dict(encoder_embed_dim=16, decoder_embed_dim=16, encoder_ffn_embed_dim=32, decoder_ffn_embed_dim=32,

@@ -8,7 +8,7 @@ Shape:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from fairseq.modules import MultiheadAttention
@@ -24,7 +24,7 @@ def set_heads(attn: MultiheadAttention, num_heads: int, head_dim: int) -> Multih
     The state fairseq's own head pruning (``_adaptive_prune_heads``) leaves: ``num_heads``, ``head_dim``,
     ``scaling = D**-0.5``, ``embed_dim = H*D`` (the width its forward reshapes the heads back to) and
     ``skip_embed_dim_check`` (the query is C_q wide, not H*D; this also bypasses the fused kernel). Incremental
-    caches are [B, H, t, D]. Used by ``multihead_attention`` and by ``compress/prune.py`` after removing heads.
+    caches are [B, H, t, D]. Used by ``multihead_attention`` and by ``compress/prune/`` after removing heads.
     """
     inner = num_heads * head_dim
     widths = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features, attn.out_proj.in_features)

@@ -2,7 +2,6 @@
 
 The figures it records are checked against an independent scoring of the written model dir; a criterion no config
 can meet keeps the best config of each graph, says so and exits 3 (0 with --allow-loss)."""
-import argparse
 import json
 import shutil
 
@@ -10,9 +9,12 @@ import onnx
 import pytest
 from sacrebleu.metrics import BLEU
 
+from compress.errors import CriterionNotMet, QuantizeError
 from compress.inc import CONFIGS
-from compress.quantize import CriterionNotMet, QuantizeError, add_quantize_parser, quantize, quantized_matmuls
+from compress.quantize import quantize, quantized_matmuls
 from export.runtime import Translator
+from lite.cli import main
+from lite.text import read_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
@@ -31,7 +33,7 @@ def fp32(trained, workdir, tmp_path_factory):
 
 def _heldout(workdir):
     raw = workdir / "data" / "raw"
-    return tuple((raw / f"valid.{lang}").read_text(encoding="utf-8").splitlines()[:HELDOUT] for lang in ("de", "en"))
+    return tuple(read_lines(raw / f"valid.{lang}", HELDOUT) for lang in ("de", "en"))
 
 
 def _bleu(model_dir, sources, references):
@@ -75,22 +77,17 @@ def test_a_criterion_no_config_meets_keeps_the_best_and_says_so(fp32, workdir):
 
 
 def test_cli_exit_codes(fp32, workdir, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="lite compress")
-    add_quantize_parser(parser.add_subparsers(dest="action", required=True))
     sources, references = (tmp_path / "src.de", tmp_path / "ref.en")
     for path, lines in zip((sources, references), _heldout(workdir)):
         path.write_text("\n".join(lines[:20]) + "\n", encoding="utf-8")
-    common = [str(fp32), "--method", "inc-tune", "--eval-source", str(sources), "--eval-reference", str(references),
-              "--max-bleu-drop", "-100"]
-    args = parser.parse_args(["quantize", *common, "--out", str(tmp_path / "a")])
-    assert args.func(args) == 3
+    common = ["compress", "quantize", str(fp32), "--method", "inc-tune", "--eval-source", str(sources),
+              "--eval-reference", str(references), "--max-bleu-drop", "-100"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 3
     assert "pass --allow-loss to accept it" in capsys.readouterr().err and (tmp_path / "a" / "model.json").is_file()
-    args = parser.parse_args(["quantize", *common, "--out", str(tmp_path / "b"), "--allow-loss"])
-    assert args.func(args) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--allow-loss"]) == 0
     assert "on 20 held-out lines (criterion >= " in capsys.readouterr().out
-    args = parser.parse_args(["quantize", str(fp32), "--method", "inc-tune", "--eval-source", str(sources),
-                              "--out", str(tmp_path / "c")])
-    assert args.func(args) == 2
+    assert main(["compress", "quantize", str(fp32), "--method", "inc-tune", "--eval-source", str(sources),
+                 "--out", str(tmp_path / "c")]) == 2
     assert "--eval-source and --eval-reference go together" in capsys.readouterr().err
 
 

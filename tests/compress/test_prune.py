@@ -1,11 +1,11 @@
-"""compress/prune.py: torch-pruning to a MAC budget; the pruned model against the original with the same units
+"""compress/prune/: torch-pruning to a MAC budget; the pruned model against the original with the same units
 masked out, incremental decoding, importance rankings, and the checkpoint of a real `lite train` run (loads in
 fairseq, matches, fine-tunes, keeps its dims), with pruned heads, conv heads and GAU widths in its args."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +15,13 @@ import torch
 from fairseq import checkpoint_utils
 
 from compress import prune as P
+from compress.prune import checkpoint as checkpoint_io
 from eval.macs import count_params, paper_macs
-from lite.corpus import write_default_corpus
-from lite.data import prepare
+from lite.checkpoint import load_model, pruned_dims, read_state
+from lite.cli import main
 from lite.modules import DynamicConv
-from lite.train import load_config, train
-from lite.translate import load_checkpoint
-from tests.conftest import assert_close, tiny_model
+from tests.conftest import TINY_CONFIG, assert_close, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "models" / "lsra" / "tiny.yaml"
 FFN_KINDS = ["decoder_ffn_embed_dim", "encoder_ffn_embed_dim"]
 LSRA_KINDS = ["conv_heads", "decoder_attention_heads", *FFN_KINDS, "mixer_attention_heads"]  # sorted, as chosen
 # every mechanism: lightweight conv, dynamic conv + GLU, attention + FFN, GAU (+ cross attention)
@@ -174,7 +171,7 @@ def test_taylor_importance_drops_a_large_unit_the_output_ignores():
         trial = copy.deepcopy(model)
         sites, _ = P.find_sites(trial)
         if importance == "taylor":
-            P._accumulate_gradients(trial, random_batches(trial))
+            P.accumulate_gradients(trial, random_batches(trial))
         kept[importance] = P.prune_kind(sites["encoder_ffn_embed_dim"], 16, P.importance_scorer(importance))
     assert 0 in kept["magnitude"]["encoder.layers.0.ffn"]
     assert 0 not in kept["taylor"]["encoder.layers.0.ffn"]
@@ -245,7 +242,7 @@ def test_named_kinds_prune_and_the_checkpoint_check_refuses_what_args_cannot_des
     state = P.pruned_state({"args": None, "cfg": {"model": original_args}, "extra_state": {}}, model, result)
     assert P.verify_state(state, model) <= P.ATOL
     del state["cfg"]["model"].mixer_attention_head_dim  # as if lite_transformer had no such arg
-    monkeypatch.setattr(P, "model_options", lambda: set(vars(original_args)) - {"mixer_attention_head_dim"})
+    monkeypatch.setattr(checkpoint_io, "model_options", lambda: set(vars(original_args)) - {"mixer_attention_head_dim"})
     expected = r"args do not describe .*k_proj.weight: weights \(8, 16\).*no --mixer-attention-head-dim arg"
     with pytest.raises(P.PruneError, match=expected):
         P.verify_state(state, model)
@@ -254,21 +251,19 @@ def test_named_kinds_prune_and_the_checkpoint_check_refuses_what_args_cannot_des
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 @pytest.fixture(scope="module")
-def briefly_trained(tmp_path_factory):
-    """The tiny LSRA of configs/models/lsra/tiny.yaml after 30 updates of real `lite train`."""
-    root = tmp_path_factory.mktemp("prune")
-    write_default_corpus(root / "text")
-    prepare(root / "text", root / "data", vocab_size=200)
-    config = load_config(TINY_CONFIG, [f"data={root / 'data'}", f"save_dir={root / 'ck'}", "max_update=30"])
-    assert train(config) == 0
-    return root / "ck" / "checkpoint_best.pt"
+def trained_copy(trained, tmp_path_factory):
+    """The tiny LSRA of configs/models/lsra/tiny.yaml trained with real `lite train` (conftest's ``trained``, on
+    conftest's ``workdir`` data), copied: other tests keep training the original."""
+    checkpoint = tmp_path_factory.mktemp("prune") / "checkpoint_best.pt"
+    shutil.copy(trained, checkpoint)
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
-def pruned(briefly_trained):
-    macs = paper_macs(load_checkpoint(briefly_trained)[0]).total
-    out = briefly_trained.parent.parent / "pruned"
-    model, report = P.prune_checkpoint(briefly_trained, out, P.PruneConfig(int(0.75 * macs), step=0.2))
+def pruned(trained_copy):
+    macs = paper_macs(load_model(trained_copy)[0]).total
+    out = trained_copy.parent / "pruned"
+    model, report = P.prune_checkpoint(trained_copy, out, P.PruneConfig(int(0.75 * macs), step=0.2))
     return model, report
 
 
@@ -287,7 +282,7 @@ def test_the_budget_is_met_and_prune_json_says_how(pruned):
 
 def test_the_checkpoint_args_carry_the_dims_of_its_weights(pruned):
     _, report = pruned
-    state = torch.load(report["checkpoint"], weights_only=True)
+    state = read_state(report["checkpoint"])
     args = state["cfg"]["model"]
     for side in ("encoder", "decoder"):
         hidden = getattr(args, f"{side}_ffn_embed_dim")
@@ -303,27 +298,28 @@ def test_the_checkpoint_args_carry_the_dims_of_its_weights(pruned):
     assert state["model"]["decoder.layers.0.mixer.conv.linear2.weight"].shape == \
         (args.encoder_embed_dim // 2, args.conv_heads * args.conv_head_dim)
     assert "last_optimizer_state" not in state and state["extra_state"]["previous_training_time"] == 0.0
-    assert P.finetune_overrides(report["checkpoint"]) == report["finetune_overrides"]
+    # what `lite train --finetune-from` reads back
+    assert [f"{k}={v}" for k, v in pruned_dims(state).items()] == report["finetune_overrides"]
 
 
 def test_the_checkpoint_loads_in_fairseq_and_matches_the_pruned_model(pruned):
     model, report = pruned
     inputs = _inputs(model)
-    lite_model, _ = load_checkpoint(report["checkpoint"])
+    lite_model, _ = load_model(report["checkpoint"])
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([report["checkpoint"]])
     assert_close(_logits(lite_model, inputs), _logits(model, inputs))
     assert_close(_logits(models[0], inputs), _logits(model, inputs))
 
 
-def test_finetuning_the_pruned_checkpoint_keeps_its_dims(pruned, tmp_path):
+def test_finetuning_the_pruned_checkpoint_keeps_its_dims(pruned, workdir, tmp_path):
     _, report = pruned
-    data = Path(report["source"]).parent.parent / "data"
+    data = workdir / "data"
     run = subprocess.run([sys.executable, "-m", "lite.cli", "train", str(TINY_CONFIG), f"data={data}",
                           f"save_dir={tmp_path}", "max_update=2",  # the pruned dims come from the checkpoint
                           "--finetune-from", report["checkpoint"]], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "loading pretrained model from" in run.stdout + run.stderr
-    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    state = read_state(tmp_path / "checkpoint_last.pt")
     assert state["optimizer_history"][-1]["num_updates"] == 2
     for side in ("encoder", "decoder"):
         hidden = report["dims_after"][f"{side}_ffn_embed_dim"]
@@ -343,14 +339,9 @@ def test_the_pruned_checkpoint_exports_and_passes_export_validation(pruned, tmp_
     assert validation["cases"] > 0 and validation["max_abs_diff"] <= validation["atol"] == 1e-4
 
 
-def test_cli_prunes_with_taylor_on_the_training_data_and_refuses_bad_budgets(briefly_trained, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="lite")
-    P.register_cli(parser.add_subparsers(dest="command", required=True))
-
+def test_cli_prunes_with_taylor_on_the_training_data_and_refuses_bad_budgets(trained_copy, tmp_path, capsys):
     def cli(*argv: str) -> int:
-        argv = ["compress", "prune", str(briefly_trained), "--out", str(tmp_path / "out"), *argv]
-        args = parser.parse_args(argv)
-        return args.func(args)
+        return main(["compress", "prune", str(trained_copy), "--out", str(tmp_path / "out"), *argv])
 
     assert cli("--budget", "1k") == 2
     assert "out of reach: the smallest reachable is" in capsys.readouterr().err
@@ -378,9 +369,9 @@ SAVED = {
 
 def _tiny_checkpoint(arch: str, trained: Path, path: Path, **overrides) -> Path:
     """A checkpoint of an untrained tiny ``arch`` on the trained checkpoint's data (its dictionary, training args)."""
-    _, task = load_checkpoint(trained)
+    _, task = load_model(trained)
     model = tiny_model(arch, task.source_dictionary, **overrides)
-    state = P.read_state(trained)
+    state = read_state(trained)
     args = state["cfg"]["model"]
     vars(args).update(vars(model.args))
     args.arch = arch
@@ -393,22 +384,22 @@ def _tiny_checkpoint(arch: str, trained: Path, path: Path, **overrides) -> Path:
 
 
 @pytest.mark.parametrize("arch", list(SAVED))
-def test_pruned_heads_conv_heads_and_gau_width_are_saved_and_load_in_fairseq(arch, briefly_trained, tmp_path):
+def test_pruned_heads_conv_heads_and_gau_width_are_saved_and_load_in_fairseq(arch, trained_copy, tmp_path):
     """Every kind halved in one step (--step 0.5): the checkpoint's args carry heads + head dims, conv heads + conv
     head dim, the GAU width; lite's and fairseq's loaders rebuild it, it reproduces the pruned model and its
     incremental decoding (key/value caches [B, H', t, D], conv frames, GAU state) equals its full causal pass."""
     overrides, kinds = SAVED[arch]
-    checkpoint = briefly_trained if arch == "lsra_iwslt_160" else \
-        _tiny_checkpoint(arch, briefly_trained, tmp_path / "tiny.pt", **overrides)
-    macs = paper_macs(load_checkpoint(checkpoint)[0]).total
+    checkpoint = trained_copy if arch == "lsra_iwslt_160" else \
+        _tiny_checkpoint(arch, trained_copy, tmp_path / "tiny.pt", **overrides)
+    macs = paper_macs(load_model(checkpoint)[0]).total
     model, report = P.prune_checkpoint(checkpoint, tmp_path / "pruned", P.PruneConfig(int(0.9 * macs), step=0.5))
     assert report["kinds"] == kinds and report["skipped_kinds"] == {} and len(report["steps"]) == 1
     assert all(report["dims_after"][kind] < report["dims_before"][kind] for kind in kinds)
-    args = torch.load(report["checkpoint"], weights_only=True)["cfg"]["model"]
+    args = read_state(report["checkpoint"])["cfg"]["model"]
     assert {arg: getattr(args, arg) for kind in kinds for arg in P.kind_args(kind)} == \
         {arg: report["dims_after"][arg] for kind in kinds for arg in P.kind_args(kind)}
     inputs = _inputs(model, batch=2)
-    lite_model, _ = load_checkpoint(report["checkpoint"])
+    lite_model, _ = load_model(report["checkpoint"])
     fairseq_model = checkpoint_utils.load_model_ensemble_and_task([report["checkpoint"]])[0][0].eval()
     for loaded in (lite_model, fairseq_model):
         assert_close(_logits(loaded, inputs), _logits(model, inputs))

@@ -1,7 +1,6 @@
 """int8 of an exported model dir: exact int8 values and scales on a hand-made tensor, every constant-weight MatMul
 quantized, an SQNR floor per quantized MatMul, the quantized dir translating in the unchanged runtime, and the
 refusals (mismatched calibration text, an already-quantized dir, an existing --out)."""
-import argparse
 import json
 import shutil
 
@@ -10,11 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.quantize import (CalibrationData, QuantizeConfig, QuantizeError, add_quantize_parser, quantize,
-                               quantize_graph, sqnr_per_matmul)
+from compress.calibration import CalibrationData
+from compress.quantize import QuantizeConfig, QuantizeError, quantize, quantize_graph, sqnr_per_matmul
 from export.runtime import Translator
 from export.search import SearchOptions
-from tests.conftest import TINY_CONFIG
+from lite.cli import main
+from lite.files import OutputError
+from lite.text import read_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
@@ -62,34 +63,29 @@ def test_int8_values_and_scales_on_a_hand_made_tensor(preset, expected, tmp_path
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """An exported model dir (with ORT-format graphs) of a tiny LSRA trained for 5 updates (~30 s), and its data."""
+def fp32(trained, tmp_path_factory):
+    """The tiny trained LSRA of conftest (``trained``, on conftest's ``workdir`` data) exported with ORT-format
+    graphs."""
     from export.exporter import export
-    from lite.corpus import write_default_corpus
-    from lite.data import prepare
-    from lite.train import load_config, train
 
     root = tmp_path_factory.mktemp("quantize")
-    write_default_corpus(root / "text")
-    prepare(root / "text", root / "data", vocab_size=1000)
-    config = load_config(TINY_CONFIG, [f"data={root / 'data'}", f"save_dir={root / 'ck'}", "max_update=5"])
-    assert train(config) == 0
-    export(root / "ck" / "checkpoint_last.pt", root / "fp32", ort=True)
-    return root
+    checkpoint = root / "model.pt"
+    shutil.copy(trained, checkpoint)  # other tests keep training the original
+    return export(checkpoint, root / "fp32", ort=True)
 
 
 @pytest.fixture(scope="module")
-def dynamic(workdir):
-    return quantize(workdir / "fp32", workdir / "dynamic")
+def dynamic(fp32):
+    return quantize(fp32, fp32.parent / "dynamic")
 
 
 @pytest.fixture(scope="module")
-def static(workdir):
-    return quantize(workdir / "fp32", workdir / "static", method="ort-static")  # lines from <data>/raw/train.de
+def static(fp32):
+    return quantize(fp32, fp32.parent / "static", method="ort-static")  # lines from <data>/raw/train.de
 
 
 def _lines(workdir, split, count):
-    return (workdir / "data" / "raw" / f"{split}.de").read_text(encoding="utf-8").splitlines()[:count]
+    return read_lines(workdir / "data" / "raw" / f"{split}.de", count)
 
 
 def _count_fp32_constant_matmuls(path):
@@ -99,11 +95,11 @@ def _count_fp32_constant_matmuls(path):
 
 
 @pytest.mark.parametrize("method", ["dynamic", "static"])
-def test_every_constant_weight_matmul_is_quantized(method, workdir, request):
+def test_every_constant_weight_matmul_is_quantized(method, fp32, request):
     out = request.getfixturevalue(method)
     entry = json.loads((out / "model.json").read_text())["quantization"]
     for graph in ("encoder", "decoder_step"):
-        expected = _count_fp32_constant_matmuls(workdir / "fp32" / f"{graph}.onnx")
+        expected = _count_fp32_constant_matmuls(fp32 / f"{graph}.onnx")
         model = onnx.load(str(out / f"{graph}.onnx"))
         producers = {o: n for n in model.graph.node for o in n.output}
         weights = {i.name for i in model.graph.initializer}
@@ -122,12 +118,12 @@ def test_every_constant_weight_matmul_is_quantized(method, workdir, request):
 
 
 @pytest.mark.parametrize("method", ["dynamic", "static"])
-def test_sqnr_per_quantized_matmul(method, workdir, request):
+def test_sqnr_per_quantized_matmul(method, fp32, workdir, request):
     out = request.getfixturevalue(method)
-    data = CalibrationData(workdir / "fp32", _lines(workdir, "test", 32))  # not the calibration lines
+    data = CalibrationData(fp32, _lines(workdir, "test", 32))  # not the calibration lines
     for graph in ("encoder", "decoder_step"):
-        sqnr = sqnr_per_matmul(workdir / "fp32" / f"{graph}.onnx", out / f"{graph}.onnx", data.feeds(graph))
-        assert len(sqnr) == _count_fp32_constant_matmuls(workdir / "fp32" / f"{graph}.onnx")
+        sqnr = sqnr_per_matmul(fp32 / f"{graph}.onnx", out / f"{graph}.onnx", data.feeds(graph))
+        assert len(sqnr) == _count_fp32_constant_matmuls(fp32 / f"{graph}.onnx")
         worst = min(sqnr, key=sqnr.get)
         print(f"SQNR {method} {graph}: {min(sqnr.values()):.1f} .. {max(sqnr.values()):.1f} dB over {len(sqnr)} "
               f"MatMuls (worst {worst})")
@@ -158,10 +154,10 @@ def test_static_calibration_reads_the_training_text(static, workdir):
     assert entry["calibration"]["lines"] > 100 and entry["calibration"]["unk_fraction"] < 0.05
 
 
-def test_mismatched_calibration_text_is_refused(workdir, tmp_path):
+def test_mismatched_calibration_text_is_refused(fp32, tmp_path):
     greek = ["αβγδ εζηθ ικλμ νξοπ"] * 20
     with pytest.raises(QuantizeError, match=r"100% of the .* pieces .* are unknown to .*vocab.txt.*train.de"):
-        quantize(workdir / "fp32", tmp_path / "out", method="ort-static", calibration_lines=greek)
+        quantize(fp32, tmp_path / "out", method="ort-static", calibration_lines=greek)
     assert not (tmp_path / "out").exists()
 
 
@@ -177,18 +173,18 @@ def test_an_already_quantized_dir_is_refused(dynamic, tmp_path):
         quantize(unmarked, tmp_path / "again")
 
 
-def test_existing_out_dir_needs_force(workdir, dynamic, tmp_path):
-    with pytest.raises(QuantizeError, match="--force"):
-        quantize(workdir / "fp32", dynamic)
+def test_existing_out_dir_needs_force(fp32, dynamic, tmp_path):
+    with pytest.raises(OutputError, match="--force"):
+        quantize(fp32, dynamic)
     with pytest.raises(QuantizeError, match="is the model dir itself"):
-        quantize(workdir / "fp32", workdir / "fp32", force=True)
+        quantize(fp32, fp32, force=True)
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "a.txt").write_text("x")
-    with pytest.raises(QuantizeError, match="not a model dir"):
-        quantize(workdir / "fp32", notes, force=True)
-    replaced = quantize(workdir / "fp32", tmp_path / "q", preset="arm64")
-    assert quantize(workdir / "fp32", replaced, preset="avx512_vnni", force=True) == replaced
+    with pytest.raises(OutputError, match="not a model dir"):
+        quantize(fp32, notes, force=True)
+    replaced = quantize(fp32, tmp_path / "q", preset="arm64")
+    assert quantize(fp32, replaced, preset="avx512_vnni", force=True) == replaced
     assert json.loads((replaced / "model.json").read_text())["quantization"]["preset"] == "avx512_vnni"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "q"]  # no staging dir left behind
 
@@ -198,13 +194,8 @@ def test_options_are_checked_all_at_once():
         QuantizeConfig("int4", "tpu")
 
 
-def test_cli(workdir, capsys, tmp_path):
-    parser = argparse.ArgumentParser(prog="lite compress")
-    add_quantize_parser(parser.add_subparsers(dest="action", required=True))
-    args = parser.parse_args(["quantize", str(workdir / "fp32"), "--out", str(tmp_path / "q"), "--preset",
-                              "avx512_vnni"])
-    assert args.func(args) == 0
+def test_cli(fp32, capsys, tmp_path):
+    assert main(["compress", "quantize", str(fp32), "--out", str(tmp_path / "q"), "--preset", "avx512_vnni"]) == 0
     assert "int8 MatMul/Gemm: encoder" in capsys.readouterr().out
-    args = parser.parse_args(["quantize", str(workdir / "fp32"), "--out", str(tmp_path / "q")])
-    assert args.func(args) == 2
+    assert main(["compress", "quantize", str(fp32), "--out", str(tmp_path / "q")]) == 2
     assert capsys.readouterr().err.startswith("lite compress quantize: error: ")

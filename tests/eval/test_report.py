@@ -1,6 +1,6 @@
-"""``lite compress report`` on the tiny trained LSRA, fp32 -> int8: every figure checked against an independent
-count (files on disk, tensor sizes from the model's dimensions, the MAC counter, the translator's BLEU)."""
-import argparse
+"""``lite compress report`` (eval/size_report.py) on the tiny trained LSRA, fp32 -> int8: every figure checked
+against an independent count (files on disk, tensor sizes from the model's dimensions, the hand count of MACs in
+tests/eval/test_macs.py, the translator's BLEU)."""
 import json
 import shutil
 from pathlib import Path
@@ -9,10 +9,11 @@ import onnx
 import pytest
 
 from compress.quantize import constant_weight_matmuls, quantize
-from compress.report import ReportError, add_report_parser, measure_stage, source_checkpoint
-from eval.macs import measure
-from export.runtime import load_description
-from lite.translate import load_checkpoint
+from eval.size_report import ReportError, measure_stage, source_checkpoint
+from export.model_dir import ModelDir
+from lite.checkpoint import load_model
+from lite.cli import main
+from tests.eval.test_macs import reference_decode_macs, reference_paper_macs
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
@@ -31,15 +32,17 @@ def stages(trained, tmp_path_factory):
 
 def test_macs_and_params_are_the_checkpoints(stages):
     checkpoint, fp32, int8 = stages
-    model, _ = load_checkpoint(checkpoint)
-    cost = measure(model, "lsra_tiny")
+    model, _ = load_model(checkpoint)
+    vocab, dim = model.decoder.embed_tokens.weight.shape
+    macs = sum(reference_paper_macs(model.args, 30, 30))  # the hand count, from the checkpoint's args
+    decode_macs = sum(reference_decode_macs(model.args, 30, 30, beam=4, vocab=vocab))
     for stage in (fp32, int8):  # int8 changes no MAC: measured on its fp32 source's checkpoint
         assert stage.checkpoint == str(checkpoint)
-        assert (stage.macs, stage.decode_macs_beam4, stage.params, stage.params_no_embed) == \
-               (cost.macs, cost.decode_macs_beam4, cost.params, cost.params_no_embed)
+        assert (stage.macs, stage.decode_macs_beam4) == (macs, decode_macs)
+        assert stage.params - stage.params_no_embed == vocab * dim  # the tied embedding, once
+    assert (int8.params, int8.params_no_embed) == (fp32.params, fp32.params_no_embed)
     assert int8.quantization == "ort-dynamic" and fp32.quantization == "fp32"
-    assert source_checkpoint(Path(int8.model_dir),
-                             load_description(Path(int8.model_dir))) == checkpoint
+    assert source_checkpoint(Path(int8.model_dir), ModelDir.open(int8.model_dir).description) == checkpoint
 
 
 def test_bytes_match_the_files_and_the_model_dimensions(stages):
@@ -47,7 +50,7 @@ def test_bytes_match_the_files_and_the_model_dimensions(stages):
     for stage in (fp32, int8):
         files = [p for p in Path(stage.model_dir).rglob("*") if p.is_file()]
         assert stage.bytes_dir == sum(p.stat().st_size for p in files)
-    model, _ = load_checkpoint(checkpoint)
+    model, _ = load_model(checkpoint)
     vocab, dim = model.decoder.embed_tokens.weight.shape
     positions = model.encoder.embed_positions.weights.shape[0]  # fairseq's sinusoidal table
     # fp32: the tied embedding in each graph, and the output projection (its transpose) in the decoder step
@@ -90,19 +93,16 @@ def test_storage_options(stages):
 
 def test_cli_writes_json_and_markdown(stages, tmp_path, capsys):
     _, fp32, int8 = stages
-    parser = argparse.ArgumentParser(prog="lite compress")
-    add_report_parser(parser.add_subparsers(dest="action", required=True))
-    args = parser.parse_args(["report", f"fp32={fp32.model_dir}", f"int8={int8.model_dir}", "--out",
-                              str(tmp_path / "r"), "--no-storage"])
-    assert args.func(args) == 0
+    assert main(["compress", "report", f"fp32={fp32.model_dir}", f"int8={int8.model_dir}", "--out",
+                 str(tmp_path / "r"), "--no-storage"]) == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["fp32", "int8"] and report["split"] is None
     assert report["stages"][1]["weights"]["other"] == int8.weights.other
     table = (tmp_path / "r" / "report.md").read_text()
     assert table in capsys.readouterr().out and f"({fp32.bytes_dir / int8.bytes_dir:.1f}x)" in table
-    args = parser.parse_args(["report", fp32.model_dir, "--out", str(tmp_path / "r")])
-    assert args.func(args) == 2
-    assert "write NAME=MODEL_DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # at parse time
+        main(["compress", "report", fp32.model_dir, "--out", str(tmp_path / "r")])
+    assert refused.value.code == 2 and "write NAME=MODEL_DIR" in capsys.readouterr().err
 
 
 def test_missing_split_is_an_error(stages):

@@ -25,12 +25,9 @@ the graphs with their tensors round-tripped through that storage (stored, then e
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import os
-import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -39,13 +36,20 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from export.runtime import GRAPHS, ModelDirError, Translator, copy_non_graph_files, load_description, write_model_dir
+from eval.bleu import corpus_bleu
+from export.model_dir import DESCRIPTION, GRAPHS, ModelDir, write_description
+from export.runtime import Translator
 from export.search import SearchOptions
+from lite.errors import LiteError
+from lite.files import write_json, write_text
+from lite.text import read_lines
 
 logger = logging.getLogger(__name__)
 
+STORAGE_OPTIONS = (("shared", None), ("shared+fp16-embed", "fp16"), ("shared+int8-embed", "int8"))  # name, embed
 
-class ReportError(ValueError):
+
+class ReportError(LiteError, ValueError):
     """A stage that cannot be reported; the message names it."""
 
 
@@ -98,15 +102,15 @@ def _kind(dims: Tuple[int, ...], description: dict) -> str:
     return "other"
 
 
-def weight_bytes(model_dir: Path, description: dict) -> WeightBytes:
+def weight_bytes(model_dir: ModelDir) -> WeightBytes:
     """Bytes of the tensors stored in the graphs, by kind (see the module doc)."""
     import onnx
     from onnx import numpy_helper
 
     found = WeightBytes()
     for graph in GRAPHS:
-        for _, t in _tensors(onnx.load(str(model_dir / f"{graph}.onnx"))):
-            kind = _kind(tuple(t.dims), description)
+        for _, t in _tensors(onnx.load(str(model_dir.graph(graph)))):
+            kind = _kind(tuple(t.dims), model_dir.description)
             setattr(found, kind, getattr(found, kind) + numpy_helper.to_array(t).nbytes)
     return found
 
@@ -115,16 +119,17 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes() + str((array.dtype, array.shape)).encode()).hexdigest()
 
 
-def _storage_variant(model_dir: Path, description: dict, embed: str | None, out: Path) -> int:
+def _storage_variant(model_dir: ModelDir, embed: str | None, out: Path) -> int:
     """Write graphs whose tensors went through the storage option into ``out`` (fp32 again, for the runtime); return
     the bytes that storage takes: every distinct tensor once (a transposed twin counts as the same), embedding-class
     fp32 tensors in ``embed`` ("fp16" | "int8" with one fp32 scale per vocabulary row | None = as they are)."""
     import onnx
     from onnx import numpy_helper
 
+    description = model_dir.description
     stored: Dict[str, int] = {}
     for graph in GRAPHS:
-        model = onnx.load(str(model_dir / f"{graph}.onnx"))
+        model = onnx.load(str(model_dir.graph(graph)))
         for _, t in _tensors(model):
             array = numpy_helper.to_array(t)
             kind = _kind(tuple(t.dims), description)
@@ -147,13 +152,17 @@ def _storage_variant(model_dir: Path, description: dict, embed: str | None, out:
     return sum(stored.values())
 
 
-def _zip_bytes(model_dir: Path) -> int:
+def _files(model_dir: ModelDir) -> List[Path]:
+    """Every file of the model dir: the listed ones and model.json."""
+    return [model_dir.file(name) for name in model_dir.description["files"]] + [model_dir.path / DESCRIPTION]
+
+
+def _zip_bytes(model_dir: ModelDir) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "model.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-            for p in sorted(model_dir.rglob("*")):
-                if p.is_file():
-                    z.write(p, p.relative_to(model_dir))
+            for p in sorted(_files(model_dir)):
+                z.write(p, p.relative_to(model_dir.path))
         return archive.stat().st_size
 
 
@@ -164,57 +173,61 @@ def source_checkpoint(model_dir: Path, description: dict) -> Path:
     seen = set()
     while "quantization" in description:
         source = Path(description["quantization"]["source"]["dir"])
-        if source in seen or not (source / "model.json").is_file():
+        if source in seen or not (source / DESCRIPTION).is_file():
             break
         seen.add(source)
-        description = json.loads((source / "model.json").read_text())
+        description = json.loads((source / DESCRIPTION).read_text(encoding="utf-8"))
+    if "checkpoint" not in description:
+        raise ReportError(f"{model_dir / DESCRIPTION}: no 'checkpoint' (the one it was exported from) in it or its "
+                          f"fp32 source's model.json; MACs and params are measured on it: re-export with `lite export`")
     return Path(description["checkpoint"])
 
 
 def _bleu(model_dir: Path, sources: List[str], references: List[str]) -> float:
-    from sacrebleu.metrics import BLEU
-
     hypotheses = Translator(model_dir, SearchOptions(beam=4)).translate(sources)
-    return round(BLEU().corpus_score(hypotheses, [references]).score, 2)
+    return round(corpus_bleu(hypotheses, references), 2)
 
 
 def _split(description: dict, split: str) -> Tuple[List[str], List[str]]:
+    if not description.get("data"):
+        raise ReportError(f"--split {split}: model.json names no data dir ('data') to read the split from")
     raw = Path(description["data"]) / "raw"
     paths = [raw / f"{split}.{description[k]}" for k in ("src", "tgt")]
     for p in paths:
         if not p.is_file():
             raise ReportError(f"--split {split}: {p} (model.json 'data') does not exist")
-    return tuple(p.read_text(encoding="utf-8").splitlines() for p in paths)
+    sources, references = (read_lines(p) for p in paths)
+    return sources, references
 
 
 def measure_stage(name: str, model_dir: str | Path, split: str | None, storage: bool = True) -> Stage:
+    """Every figure of one stage (see the module doc); ``split``: BLEU on it, None: no BLEU."""
     from eval.macs import measure
-    from lite.translate import load_checkpoint
+    from lite.checkpoint import load_model
 
-    model_dir = Path(model_dir)
-    description = load_description(model_dir)
-    checkpoint = source_checkpoint(model_dir, description)
-    if not checkpoint.is_file():
-        raise ReportError(f"{name}: checkpoint {checkpoint} (from {model_dir}/model.json) is gone; MACs and params "
-                          f"are measured on it")
-    model, _ = load_checkpoint(checkpoint)
-    cost = measure(model, description["arch"])
+    md = ModelDir.open(model_dir)
+    description = md.description
     sources, references = _split(description, split) if split else (None, None)
-    stage = Stage(name, str(model_dir), str(checkpoint), description.get("quantization", {}).get("method", "fp32"),
+    checkpoint = source_checkpoint(md.path, description)
+    if not checkpoint.is_file():
+        raise ReportError(f"{name}: checkpoint {checkpoint} (from {md.path / DESCRIPTION}) is gone; MACs and params "
+                          f"are measured on it")
+    model, _ = load_model(checkpoint)
+    cost = measure(model, description.get("arch", "?"))
+    stage = Stage(name, str(md.path), str(checkpoint), description.get("quantization", {}).get("method", "fp32"),
                   cost.macs, cost.decode_macs_beam4, cost.params, cost.params_no_embed,
-                  sum((model_dir / f).stat().st_size for f in [*description["files"], "model.json"]),
-                  weight_bytes(model_dir, description), _bleu(model_dir, sources, references) if split else None)
+                  sum(p.stat().st_size for p in _files(md)), weight_bytes(md),
+                  _bleu(md.path, sources, references) if split else None)
     if storage:
-        for option, embed in (("shared", None), ("shared+fp16-embed", "fp16"), ("shared+int8-embed", "int8")):
-            with tempfile.TemporaryDirectory() as tmp:
-                staging, out = Path(tmp) / "staging", Path(tmp) / "dir"
-                staging.mkdir()
-                copy_non_graph_files(model_dir, description, staging)
-                size = _storage_variant(model_dir, description, embed, staging)
-                write_model_dir(staging, out, {k: v for k, v in description.items() if k != "files"})
+        for option, embed in STORAGE_OPTIONS:
+            with tempfile.TemporaryDirectory() as variant:
+                variant = Path(variant)
+                md.copy_non_graph_files(variant)
+                size = _storage_variant(md, embed, variant)
+                write_description(variant, {k: v for k, v in description.items() if k != "files"})
                 stage.storage[option] = {"weight_bytes": size,
-                                         "bleu": _bleu(out, sources, references) if split else None}
-        stage.storage["zip"] = {"bytes": _zip_bytes(model_dir), "bleu": stage.bleu}
+                                         "bleu": _bleu(variant, sources, references) if split else None}
+        stage.storage["zip"] = {"bytes": _zip_bytes(md), "bleu": stage.bleu}
     return stage
 
 
@@ -241,7 +254,7 @@ def markdown(stages: List[Stage], split: str | None) -> str:
               "shared + int8 emb. | zip of the dir |", "|---|---:|---:|---:|---:|---:|"]
     for s in stages:
         cells = []
-        for option in ("shared", "shared+fp16-embed", "shared+int8-embed"):
+        for option, _ in STORAGE_OPTIONS:
             o = s.storage.get(option)
             bleu = "" if o is None or o["bleu"] is None else f", BLEU {o['bleu']}"
             cells.append("-" if o is None else f"{_mb(o['weight_bytes'])} MB{bleu}")
@@ -254,42 +267,10 @@ def markdown(stages: List[Stage], split: str | None) -> str:
 
 
 def write_report(stages: List[Stage], out: Path, split: str | None) -> None:
-    """report.json and report.md in ``out``, each written to a temp file and renamed."""
+    """report.json and report.md in ``out``, each written atomically."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"split": split, "stages": [{**asdict(s), "weights": {**asdict(s.weights), "total": s.weights.total}}
                                        for s in stages]}
-    for name, text in (("report.json", json.dumps(data, indent=2) + "\n"), ("report.md", markdown(stages, split))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
-
-
-def _report(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    try:
-        named = []
-        for item in args.stages:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise ReportError(f"stage {item!r}: write NAME=MODEL_DIR, e.g. int8=runs/export/lsra-int8")
-            named.append((name, path))
-        stages = [measure_stage(name, path, args.split, storage=not args.no_storage)
-                  for name, path in tqdm(named, desc="stages", unit="stage", file=sys.stderr)]
-    except (ReportError, ModelDirError) as e:
-        print(f"lite compress report: error: {e}", file=sys.stderr)
-        return 2
-    write_report(stages, Path(args.out), args.split)
-    print(markdown(stages, args.split))
-    return 0
-
-
-def add_report_parser(actions) -> argparse.ArgumentParser:
-    p = actions.add_parser("report", help="size, MACs and BLEU of each compression stage",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stages", nargs="+", metavar="NAME=MODEL_DIR", help="stages in order; the first is the reference")
-    p.add_argument("--split", help="BLEU on this split of the data model.json names (e.g. test2016); none: no BLEU")
-    p.add_argument("--out", required=True, help="dir for report.json and report.md")
-    p.add_argument("--no-storage", action="store_true", help="skip the storage-only options")
-    p.set_defaults(func=_report)
-    return p
+    write_json(out / "report.json", data)
+    write_text(out / "report.md", markdown(stages, split))
