@@ -17,7 +17,7 @@ Figures per target and thread count (the JSON's ``results``; times in ms, sizes 
     tokens_per_s        batch ``--batch`` (sentences sorted by length, as each runtime does best), beam ``--beam``:
                         target words (whitespace-separated) of the output per second
     rss_libs_mb         resident memory with the backend's libraries imported, no model
-    peak_rss_mb         peak resident memory of the worker (ru_maxrss)
+    peak_rss_mb         peak resident memory of the worker (VmHWM)
     bytes               model bytes on disk (the checkpoint, the model dir, the CTranslate2 dir)
     bleu                sacreBLEU of the batch-1 beam output against ``--reference`` (if given)
     same_as_first       hypotheses equal to the first target's (same sentences, batch 1, beam)
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,10 +90,12 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------- in the worker
 
-def _rss_mb() -> float:
-    """Current resident memory (VmRSS)."""
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status: VmRSS (now) or VmHWM (peak). Not ru_maxrss: Linux
+    carries the parent's peak across fork + exec into it, so every worker of a parent that loaded torch would
+    report at least that."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -157,7 +158,7 @@ def _import_backend(backend: str) -> None:
 def measure(target: Target, sources: list[str], config: BenchConfig, threads: int) -> dict:
     """Every figure of one target at ``threads``, in this process (the worker). Hypotheses under ``outputs``."""
     _import_backend(target.backend)
-    rss_libs = _rss_mb()
+    rss_libs = _status_mb("VmRSS")
     start = time.perf_counter()
     translator, weights = _open(target, config, threads)
     load_s = time.perf_counter() - start
@@ -186,7 +187,7 @@ def measure(target: Target, sources: list[str], config: BenchConfig, threads: in
         "greedy_ms_p90": round(_percentile(greedy_ms, 0.9), 2),
         "tokens_per_s": round(sum(len(h.split()) for h in batched) / seconds, 1),
         "rss_libs_mb": round(rss_libs, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_status_mb("VmHWM"), 1),
         "bytes": _bytes(weights), "outputs": outputs,
         "latency_by_length": [[len(line.split()), round(ms, 2)] for line, ms in zip(sources, beam_ms)],
     }
@@ -218,10 +219,9 @@ def resolve_ct2(target: Target) -> Target:
 
 
 def _run_worker(target: Target, sources: list[str], config: BenchConfig, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           # CTranslate2's int8 on oneDNN (its default on AMD CPUs) loses ~12 BLEU on AVX2 without VNNI; its MKL
-           # backend loses ~0.1 (export/ctranslate2.py's tests): measure the one a user would keep
-           "CT2_USE_MKL": os.environ.get("CT2_USE_MKL", "1")}
+    # CTranslate2 runs as its users run it (its default backend); CT2_USE_MKL=1 in the environment switches an AMD
+    # CPU from oneDNN (fast int8, but ~12 BLEU lost on the tiny test model) to MKL (~0.1 lost, slower int8)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     job = json.dumps({"target": asdict(target), "sources": sources, "config": asdict(config), "threads": threads})
     proc = subprocess.run([sys.executable, "-c", "from eval.bench import _worker; _worker()"], input=job,
                           capture_output=True, text=True, env=env)
