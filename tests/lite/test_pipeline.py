@@ -114,3 +114,16 @@ def test_stopping_lite_train_stops_fairseq_train(workdir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert not _fairseq_children(str(save_dir))
+
+
+def test_an_unreadable_last_checkpoint_resumes_from_the_best(trained, tmp_path, caplog):
+    from lite.train import _resume_args
+
+    save_dir = tmp_path / "ck"
+    save_dir.mkdir()
+    (save_dir / "checkpoint_best.pt").write_bytes(trained.read_bytes())
+    (save_dir / "checkpoint_last.pt").write_bytes(trained.read_bytes()[:4096])  # a kill during fairseq's copy
+    assert _resume_args(save_dir, {}) == ["--restore-file", str(save_dir / "checkpoint_best.pt")]
+    assert "resuming from" in caplog.text and (save_dir / "checkpoint_last.pt.unreadable").is_file()
+    assert not (save_dir / "checkpoint_last.pt").exists()
+    assert _resume_args(save_dir, {}) == []  # nothing left to repair
