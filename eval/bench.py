@@ -55,10 +55,12 @@ class Target:
     path: str  # checkpoint (torch, ct2) or model dir (onnx, ort)
     quantization: str | None = None  # ct2 only: "int8", "float32", ...
     data: str | None = None  # prepared data dir, when not the one the model names
+    label: str | None = None  # what the results call it (default: the path's last part)
 
     @property
     def name(self) -> str:
-        return f"{self.backend}{'-' + self.quantization if self.quantization else ''}:{Path(self.path).name}"
+        return f"{self.backend}{'-' + self.quantization if self.quantization else ''}:" \
+               f"{self.label or Path(self.path).name}"
 
 
 @dataclass(frozen=True)

@@ -348,10 +348,12 @@ def _bench_targets(config: PipelineConfig, run_dir: Path) -> list:
     for name, m in config.models.items():
         base = run_dir / name
         final = base / ("finetuned" if m.prune else "checkpoints") / "checkpoint_best.pt"
-        targets += [Target("torch", str(final)), Target("onnx", str(base / "onnx" / ("pruned" if m.prune else "fp32"))),
-                    Target("onnx", str(base / "onnx" / "int8"))]
+        fp32 = "pruned" if m.prune else "fp32"
+        targets += [Target("torch", str(final), label=f"{name}/{fp32}"),
+                    Target("onnx", str(base / "onnx" / fp32), label=f"{name}/{fp32}"),
+                    Target("onnx", str(base / "onnx" / "int8"), label=f"{name}/int8")]
         if config.bench.ct2 and _family(m.overrides.get("arch") or _config_arch(m.config)) == "transformer":
-            targets.append(Target("ct2", str(final), "int8"))
+            targets.append(Target("ct2", str(final), "int8", label=name))
     return targets
 
 

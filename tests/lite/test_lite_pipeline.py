@@ -57,6 +57,7 @@ def test_summary_equals_an_independent_recount(run):
     assert summary["stages"]["lsra/pruned"]["macs"] <= 0.9e6 < summary["stages"]["lsra/fp32"]["macs"]
     backends = summary["backends"]
     assert any(name.startswith("ct2-int8:") for name in backends)  # the Transformer on CTranslate2
+    assert len(backends) == 7  # torch, onnx fp32/pruned, onnx int8 of each model + ct2: no name shared
     assert all(b["latency_ms_p50"] > 0 and b["tokens_per_s"] > 0 for b in backends.values())
 
 
