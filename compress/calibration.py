@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 
 from compress.errors import QuantizeError
+from export import candidates
 from export.model_dir import GRAPHS
 from export.runtime import Translator
 from export.search import left_pad
@@ -106,9 +107,10 @@ class CalibrationData:
         for step in range(max_len + 1):
             feeds = {"tokens": tokens, "step": np.array(step, dtype=np.int64), "order": order,
                      "encoder_padding_mask": mask, **dict(zip(model.memory_names, memory)),
-                     **{s.name: v for s, v in zip(model.states, states)}}
+                     **{s.name: v for s, v in zip(model.states, states)},
+                     **(candidates.INPUTS if model.candidates else {})}
             yield feeds
-            log_probs, *states = model.decoder_step.run(None, feeds)  # [B, V], the next states
+            log_probs, *states = model.decoder_step.run(None, feeds)[:1 + len(model.states)]  # [B, V], next states
             log_probs[:, d["pad"]] = -np.inf
             if step == 0:
                 log_probs[:, d["eos"]] = -np.inf  # min_len 1, as the search

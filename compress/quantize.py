@@ -68,6 +68,7 @@ from export.model_dir import DESCRIPTION, GRAPHS, ModelDir, sha256, stage, write
 logger = logging.getLogger(__name__)
 
 METHODS = ("ort-dynamic", "ort-static", "inc-tune")
+VALIDATION_LINES = 32  # valid-split sentences the compact layout is validated on
 # op types that only a quantized graph has: a model dir holding any of them is refused
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                            "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger",
@@ -286,9 +287,13 @@ def _summary(config: QuantizeConfig, source: ModelDir, staging: Path, counts: di
     import onnxruntime
 
     preset = PRESETS[config.preset]
+    from compress.compact import WEIGHTS
+
     size = {g: {"before": source.graph(g).stat().st_size, "after": (staging / f"{g}.onnx").stat().st_size}
             for g in GRAPHS}
-    size["total"] = {k: sum(size[g][k] for g in GRAPHS) for k in ("before", "after")}
+    if (staging / WEIGHTS).is_file():  # the compact layout: both graphs' weights
+        size[WEIGHTS] = {"before": 0, "after": (staging / WEIGHTS).stat().st_size}
+    size["total"] = {k: sum(v[k] for v in size.values()) for k in ("before", "after")}
     activations = ("uint8 asymmetric, per tensor, at run time" if config.method == "ort-dynamic" else
                    f"{preset.activation_type} {'symmetric' if preset.activation_symmetric else 'asymmetric'}, "
                    f"per tensor, calibrated (MinMax, QDQ)")
@@ -313,10 +318,36 @@ def _counts(float_graph: Path, graph_file: Path) -> dict:
     return counts
 
 
+def _compact(source: ModelDir, staging: Path, preset: Preset) -> dict:
+    """Rewrite the quantized graphs of ``staging`` in the compact layout (``compress.compact``); returns model.json's
+    ``compact`` entry, with the SQNR against the fp32 graphs of both layouts on the first ``VALIDATION_LINES`` of
+    the valid split (skipped, saying why, when the model's data is not on this machine)."""
+    import tempfile
+
+    from compress.compact import WEIGHTS, compact_graphs, save_with_shared_weights, validate
+
+    with tempfile.TemporaryDirectory(dir=staging) as tmp:  # gone before the files are listed
+        plain = {g: Path(tmp) / f"{g}.onnx" for g in GRAPHS}
+        for g in GRAPHS:
+            (staging / f"{g}.onnx").rename(plain[g])
+        stored = save_with_shared_weights(compact_graphs(plain, preset.reduce_range), staging)
+        try:
+            lines, _ = heldout_lines(source.description, VALIDATION_LINES)
+            data = CalibrationData(source.path, lines, source="valid split")
+            feeds = {g: list(data.feeds(g)) for g in GRAPHS}
+            sqnr = validate({g: source.graph(g) for g in GRAPHS},
+                            {"compact": {g: staging / f"{g}.onnx" for g in GRAPHS}, "no_compact": plain}, feeds)
+            validation = {"lines": data.lines, "sqnr_db": sqnr}
+        except QuantizeError as e:
+            validation = {"skipped": str(e)}
+    return {"weights": WEIGHTS, **stored, "embeddings": "int8 symmetric, one scale per row (token)",
+            "validation": validation}
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dynamic", preset: str = "avx2",
              calibration_lines: Sequence[str] | None = None, force: bool = False, max_bleu_drop: float = 0.3,
              heldout: tuple[Sequence[str], Sequence[str]] | None = None, allow_loss: bool = False,
-             eval_lines: int = HELDOUT_LINES) -> Path:
+             eval_lines: int = HELDOUT_LINES, compact: bool = True) -> Path:
     """int8 of a model dir (``lite export``) -> a new model dir at ``out_dir``; returns ``out_dir``.
 
     ``calibration_lines``: source sentences for ``ort-static`` and ``inc-tune`` (default: the first
@@ -366,12 +397,15 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
                 quantize_graph(source.graph(graph), target, config, reader)
             onnx.checker.check_model(str(target))
             counts[graph] = _counts(source.graph(graph), target)
+        compact_entry = _compact(source, staging, PRESETS[config.preset]) if compact else None
         source.copy_non_graph_files(staging)
         if source.has_ort:
             to_ort(staging)  # the same conversion as `lite export --ort`
         opset = next(o.version for o in onnx.load(str(staging / "encoder.onnx")).opset_import
                      if o.domain in ("", "ai.onnx"))
         summary = _summary(config, source, staging, counts, calibration_entry)
+        if compact_entry is not None:
+            summary["compact"] = compact_entry
         if tuned is not None:
             summary["tuning"] = {"max_bleu_drop": max_bleu_drop, "heldout_lines": len(sources), **tuned.as_dict()}
         write_description(staging, {**description, "opset": opset, "quantization": summary})

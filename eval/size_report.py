@@ -9,7 +9,8 @@ Every stage is a model dir (``lite export``, ``lite compress quantize``). Per st
                               from (an int8 dir: on its fp32 source's checkpoint; int8 does not change the MACs)
     params, params_no_embed   of that checkpoint, shared tensors once
     bytes.dir                 every file of the model dir (graphs, spm.model, vocab.txt, model.json)
-    bytes.weights             tensors stored in the graphs (initializers and Constants), split into
+    bytes.weights             tensors stored in the graphs (initializers and Constants; in the compact layout's
+                              weights.bin, each shared tensor once), split into
                               ``embedding`` (a dimension equal to the vocabulary: token embeddings, the output
                               projection and its scales), ``positions`` (sinusoidal tables, a dimension equal to the
                               position count) and ``other`` = the non-embedding weights
@@ -108,10 +109,20 @@ def weight_bytes(model_dir: ModelDir) -> WeightBytes:
     from onnx import numpy_helper
 
     found = WeightBytes()
+    stored = set()  # (file, offset) of external tensors: in the compact layout both graphs share some
     for graph in GRAPHS:
-        for _, t in _tensors(onnx.load(str(model_dir.graph(graph)))):
+        model = onnx.load(str(model_dir.graph(graph)), load_external_data=False)
+        for _, t in _tensors(model):
+            where = {e.key: e.value for e in t.external_data}
+            if where:
+                if (where["location"], where.get("offset", "0")) in stored:
+                    continue
+                stored.add((where["location"], where.get("offset", "0")))
+                size = int(where["length"])
+            else:
+                size = numpy_helper.to_array(t).nbytes
             kind = _kind(tuple(t.dims), model_dir.description)
-            setattr(found, kind, getattr(found, kind) + numpy_helper.to_array(t).nbytes)
+            setattr(found, kind, getattr(found, kind) + size)
     return found
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List
 
 import torch
 
+from export import candidates
 from export.graphs import DecoderStep, Encoder, initial_states, memory_names, state_specs
 from export.model_dir import FORMAT, GRAPHS, StateSpec, stage, write_description
 from export.ort_format import to_ort
@@ -41,8 +42,8 @@ def _io_names(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, List[str]]
     return {
         "encoder": {"inputs": ["src_tokens"], "outputs": ["encoder_padding_mask", *memory]},
         "decoder_step": {"inputs": ["tokens", "step", "order", "encoder_padding_mask", *memory,
-                                    *(s.name for s in specs)],
-                         "outputs": ["log_probs", *(s.name + ".next" for s in specs)]},
+                                    *(s.name for s in specs), *candidates.INPUTS],
+                         "outputs": ["log_probs", *(s.name + ".next" for s in specs), *candidates.OUTPUTS]},
     }
 
 
@@ -90,13 +91,25 @@ def export_graphs(model, out: Path) -> Dict:
     examples = {"encoder": encoder_args, "decoder_step": step_args}
     for graph in GRAPHS:
         path = out / f"{graph}.onnx"
+        traced = {k: [n for n in v if n not in candidates.INPUTS and n not in candidates.OUTPUTS]
+                  for k, v in names[graph].items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic, expected
-            torch.onnx.export(modules[graph], examples[graph], str(path), input_names=names[graph]["inputs"],
-                              output_names=names[graph]["outputs"], dynamic_axes=axes[graph], opset_version=OPSET,
+            torch.onnx.export(modules[graph], examples[graph], str(path), input_names=traced["inputs"],
+                              output_names=traced["outputs"], dynamic_axes=axes[graph], opset_version=OPSET,
                               dynamo=False)
+        if graph == "decoder_step":
+            _add_candidates(path, model.decoder.dictionary)
         check_graph(path)
     return {"states": [s.to_json() for s in specs], "io": names}
+
+
+def _add_candidates(path: Path, dictionary) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    candidates.add_candidates(model, pad=dictionary.pad(), eos=dictionary.eos(), unk=dictionary.unk())
+    onnx.save(model, str(path))
 
 
 def check_graph(path: Path) -> None:

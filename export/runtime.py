@@ -17,6 +17,7 @@ from typing import Iterable, List, Sequence
 
 import numpy as np
 
+from export import candidates
 from export.model_dir import GRAPHS, ModelDir, ModelDirError, StateSpec
 from export.search import SearchOptions, left_pad, search
 
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class OnnxStepModel:
-    """The two graphs behind export/search.py's ``StepModel`` protocol."""
+    """The two graphs behind export/search.py's ``StepModel`` protocol, and its ``CandidateStepModel`` when the
+    step graph has the in-graph candidates (export/candidates.py; graphs exported before them have not)."""
 
     def __init__(self, encoder, decoder_step, description: dict):
         import onnxruntime as ort
@@ -33,6 +35,9 @@ class OnnxStepModel:
         self.memory_names = description["io"]["encoder"]["outputs"][1:]
         self.states = [StateSpec.from_json(s) for s in description["states"]]
         self.outputs = description["io"]["decoder_step"]["outputs"]
+        self.vocab_size = description["vocab_size"]
+        self.candidates = set(candidates.OUTPUTS) <= set(self.outputs)  # else the search takes the log-probs
+        self.log_probs_only = candidates.INPUTS if self.candidates else {}  # the extra inputs, passing them as is
 
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
         """src_tokens int64 [B, S] -> memory repeated per hypothesis [B * beam, ...] and fresh states."""
@@ -44,22 +49,39 @@ class OnnxStepModel:
         self.values = [value(s.initial(rows)) for s in self.states]
         self.step_index = 0
 
-    def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """tokens, order int64 [N] -> log-probs float32 [N, V]; the states advance in place of the old ones."""
+    def _run(self, tokens: np.ndarray, order: np.ndarray, outputs: list[str], extra: dict | None = None) -> list:
+        """One step: feeds bound, the states advanced; returns the OrtValues of ``outputs`` (states excluded)."""
         binding = self.decoder_step.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("step", np.array(self.step_index, dtype=np.int64))
         binding.bind_cpu_input("order", np.ascontiguousarray(order, dtype=np.int64))
+        for name, value in (extra or {}).items():
+            binding.bind_cpu_input(name, value)
         for name, v in self.memory.items():
             binding.bind_ortvalue_input(name, v)
         for state, v in zip(self.states, self.values):
             binding.bind_ortvalue_input(state.name, v)
-        for name in self.outputs:
+        for name in [*outputs, *(s.name + ".next" for s in self.states)]:
             binding.bind_output(name, "cpu")
         self.decoder_step.run_with_iobinding(binding)
-        log_probs, *self.values = binding.get_outputs()
+        found = binding.get_outputs()
+        self.values = found[len(outputs):]
         self.step_index += 1
+        return found[:len(outputs)]
+
+    def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """tokens, order int64 [N] -> log-probs float32 [N, V]; the states advance in place of the old ones."""
+        (log_probs,) = self._run(tokens, order, ["log_probs"], self.log_probs_only)
         return log_probs.numpy()
+
+    def step_candidates(self, tokens: np.ndarray, order: np.ndarray, step: int, max_len: int,
+                        options: SearchOptions, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As ``step``, the search's penalties and each row's top ``k`` applied in the graph: values float32 [N, k],
+        tokens int64 [N, k]."""
+        extra = {"min_len": np.array(options.min_len, dtype=np.int64), "max_len": np.array(max_len, dtype=np.int64),
+                 "unk_penalty": np.array(options.unk_penalty, dtype=np.float32), "k": np.array([k], dtype=np.int64)}
+        scores, tokens_ = self._run(tokens, order, list(candidates.OUTPUTS), extra)
+        return scores.numpy(), tokens_.numpy()
 
 
 class Translator:

@@ -47,6 +47,18 @@ class StepModel(Protocol):
         """
 
 
+class CandidateStepModel(StepModel, Protocol):
+    """A ``StepModel`` that can also apply ``penalize`` itself and return each row's top ``k`` (export/candidates.py):
+    the search then never sees [N, V]. Used unless ``no_repeat_ngram_size`` is set (it needs the hypotheses)."""
+
+    vocab_size: int
+    candidates: bool  # False: only ``step`` works (e.g. a graph exported without candidates)
+
+    def step_candidates(self, tokens: np.ndarray, order: np.ndarray, step: int, max_len: int, options: "SearchOptions",
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As ``step``, then ``penalize`` and ``top_candidates``: values float32 [N, k], tokens int64 [N, k]."""
+
+
 @dataclass
 class SearchOptions:
     """fairseq-generate's options of the same names; the defaults are ``lite translate``'s."""
@@ -115,25 +127,22 @@ def search(model: StepModel, src_tokens: np.ndarray, *, eos: int, pad: int, unk:
     bbsz_offsets = np.arange(bsz, dtype=np.int64)[:, None] * beam  # [B, 1]
     order = np.arange(n, dtype=np.int64)  # [N]
 
+    in_graph = options.no_repeat_ngram_size == 0 and getattr(model, "candidates", False)
     for step in range(max_len + 1):  # one extra step for the eos
-        lprobs = np.array(model.step(tokens[:, step], order), dtype=np.float32)  # [N, V], a writable copy
-        vocab = lprobs.shape[1]
-        if beam > vocab - 1:
-            raise ValueError(f"SearchOptions.beam = {beam} exceeds the vocabulary ({vocab}) minus pad: lower beam")
-        lprobs[np.isnan(lprobs)] = -np.inf
-        lprobs[:, pad] = -np.inf
-        lprobs[:, unk] -= np.float32(options.unk_penalty)
-        if step >= max_len:  # only eos is left
-            eos_lprobs = lprobs[:, eos].copy()
-            lprobs[:] = -np.inf
-            lprobs[:, eos] = eos_lprobs
-        if step < options.min_len:
-            lprobs[:, eos] = -np.inf
-        if options.no_repeat_ngram_size > 0:
-            _block_repeated_ngrams(tokens[:, :step + 1], lprobs, options.no_repeat_ngram_size)
-
         prev_scores = scores[:, step - 1].reshape(bsz, beam) if step > 0 else None
-        cand_scores, cand_indices, cand_beams = _beam_step(lprobs.reshape(bsz, beam, vocab), prev_scores)  # [B, C]
+        if in_graph:  # the model applies the penalties and keeps each row's top candidates
+            values, indices = model.step_candidates(tokens[:, step], order, step, max_len, options,
+                                                    min(cand_size, model.vocab_size))
+            _check_beam(beam, model.vocab_size)
+            cand_scores, cand_indices, cand_beams = _beam_step_from_candidates(  # [B, C]
+                values.reshape(bsz, beam, -1), indices.reshape(bsz, beam, -1), prev_scores, model.vocab_size)
+        else:
+            lprobs = np.array(model.step(tokens[:, step], order), dtype=np.float32)  # [N, V], a writable copy
+            _check_beam(beam, lprobs.shape[1])
+            penalize(lprobs, step, max_len, options, eos=eos, pad=pad, unk=unk)
+            if options.no_repeat_ngram_size > 0:
+                _block_repeated_ngrams(tokens[:, :step + 1], lprobs, options.no_repeat_ngram_size)
+            cand_scores, cand_indices, cand_beams = _beam_step(lprobs.reshape(bsz, beam, -1), prev_scores)  # [B, C]
         cand_bbsz_idx = cand_beams + bbsz_offsets  # [B, C] row each candidate continues
 
         eos_mask = (cand_indices == eos) & (cand_scores != -np.inf)  # [B, C]
@@ -161,6 +170,54 @@ def search(model: StepModel, src_tokens: np.ndarray, *, eos: int, pad: int, unk:
         ranks = np.argsort([-h.score for h in finalized[sent]], kind="stable")
         finalized[sent] = [finalized[sent][r] for r in ranks]
     return finalized
+
+
+def _check_beam(beam: int, vocab: int) -> None:
+    if beam > vocab - 1:
+        raise ValueError(f"SearchOptions.beam = {beam} exceeds the vocabulary ({vocab}) minus pad: lower beam")
+
+
+def penalize(lprobs: np.ndarray, step: int, max_len: int, options: SearchOptions, *, eos: int, pad: int,
+             unk: int) -> None:
+    """In place, what fairseq does to a step's log-probs before selecting (float32 [N, V]): NaN and pad -> -inf,
+    unk -= unk_penalty, only eos from ``max_len`` on, no eos before ``min_len``. export/candidates.py does the
+    same in the graph."""
+    lprobs[np.isnan(lprobs)] = -np.inf
+    lprobs[:, pad] = -np.inf
+    lprobs[:, unk] -= np.float32(options.unk_penalty)
+    if step >= max_len:  # only eos is left
+        eos_lprobs = lprobs[:, eos].copy()
+        lprobs[:] = -np.inf
+        lprobs[:, eos] = eos_lprobs
+    if step < options.min_len:
+        lprobs[:, eos] = -np.inf
+
+
+def top_candidates(lprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` largest values, largest first, equal values by lower index (ONNX TopK's order); a full
+    sort, for checking the graph's TopK. lprobs float32 [N, V] -> values float32 [N, k], indices int64 [N, k]."""
+    columns = np.broadcast_to(np.arange(lprobs.shape[1], dtype=np.int64), lprobs.shape)
+    indices = np.lexsort((columns, -lprobs), axis=1)[:, :k]
+    return np.take_along_axis(lprobs, indices, axis=1), indices
+
+
+def _beam_step_from_candidates(values: np.ndarray, tokens: np.ndarray, prev_scores: np.ndarray | None,
+                               vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_beam_step`` from each row's top candidates instead of its whole row: the same result, since the union of
+    the rows' top 2K holds the sentence's top 2K, ordered here by score, then by index into [K * V] as there.
+
+    values float32 [B, K, k], tokens int64 [B, K, k] (each row's best first); prev_scores as in ``_beam_step``."""
+    bsz, beam, _ = values.shape
+    if prev_scores is None:
+        values, tokens = values[:, :1], tokens[:, :1]  # [B, 1, k]
+    else:
+        values = values + prev_scores[:, :, None]  # [B, K, k]
+    flat_index = (np.arange(values.shape[1], dtype=np.int64)[None, :, None] * vocab + tokens).reshape(bsz, -1)
+    flat = values.reshape(bsz, -1)  # [B, K * k]
+    k = min(2 * beam, values.shape[1] * vocab - 1)  # -1: pad is never selected
+    ranks = np.lexsort((flat_index, -flat), axis=1)[:, :k]
+    indices = np.take_along_axis(flat_index, ranks, axis=1)  # [B, C]
+    return np.take_along_axis(flat, ranks, axis=1), indices % vocab, indices // vocab
 
 
 def _beam_step(lprobs: np.ndarray, prev_scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from export import candidates
 from export.graphs import DecoderStep, Encoder, initial_states, memory_names
+from export.search import SearchOptions, penalize, top_candidates
 from export.model_dir import StateSpec
 from lite.errors import CriterionNotMet
 
@@ -70,6 +72,24 @@ def sources(dictionary, batch: int, length: int, generator: torch.Generator) -> 
     return tokens
 
 
+# the search's penalties at work within the validation's steps: eos banned at steps 0-2, only eos from step 6 on
+CANDIDATE_FEEDS = {"min_len": np.array(3, dtype=np.int64), "max_len": np.array(6, dtype=np.int64),
+                   "unk_penalty": np.array(0.75, dtype=np.float32), "k": np.array([8], dtype=np.int64)}
+
+
+def _check_candidates(log_probs: np.ndarray, step: int, found: Sequence[np.ndarray], dictionary, where: str) -> None:
+    """The graph's candidates == ``penalize`` + ``top_candidates`` (export/search.py) on its own log-probs."""
+    lprobs = log_probs.astype(np.float32).copy()
+    options = SearchOptions(min_len=int(CANDIDATE_FEEDS["min_len"]), unk_penalty=float(CANDIDATE_FEEDS["unk_penalty"]))
+    penalize(lprobs, step, int(CANDIDATE_FEEDS["max_len"]), options, eos=dictionary.eos(), pad=dictionary.pad(),
+             unk=dictionary.unk())
+    values, indices = top_candidates(lprobs, int(CANDIDATE_FEEDS["k"][0]))
+    scores, tokens = found
+    if not np.array_equal(tokens, indices) or not np.array_equal(scores, values):
+        raise ExportMismatch(f"decoder_step: the in-graph candidates differ from the search's penalties + top-k "
+                             f"({where})")
+
+
 @torch.no_grad()
 def validate(model: nn.Module, specs: List[StateSpec], encoder: Run, decoder_step: Run, output_names: Dict[str, List[str]],
              seed: int = 0) -> Report:
@@ -97,10 +117,13 @@ def validate(model: nn.Module, specs: List[StateSpec], encoder: Run, decoder_ste
                          "encoder_padding_mask": mask, **dict(zip(names, memory)),
                          **{s.name: a for s, a in zip(specs, states)}}
                 t_out = torch_step(tokens, torch.tensor(step), order, t_mask, *t_memory, *t_states)
-                out = decoder_step(feeds)
-                worst = max(worst, _compare("decoder_step", output_names["decoder_step"], t_out, out,
+                with_candidates = set(candidates.OUTPUTS) <= set(output_names["decoder_step"])
+                out = decoder_step({**feeds, **(CANDIDATE_FEEDS if with_candidates else {})})
+                worst = max(worst, _compare("decoder_step", output_names["decoder_step"], t_out, out[:len(t_out)],
                                             f"{where}, step {step}"))
-                t_states, states = list(t_out[1:]), out[1:]
+                if with_candidates:
+                    _check_candidates(out[0], step, out[len(t_out):], dictionary, f"{where}, step {step}")
+                t_states, states = list(t_out[1:]), out[1:len(t_out)]
             cases += 1
     return Report(cases, STEPS, worst)
 

@@ -19,7 +19,7 @@ import shlex
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -66,7 +66,7 @@ class ModelConfig:
     max_minutes: float | None = None  # wall time of training
     max_cpu_minutes: float | None = None  # CPU time of training (equal-compute comparisons)
     prune: dict | None = None  # {budget: "1M", finetune_overrides: {...}, finetune_cpu_minutes: ...}
-    quantize: dict = field(default_factory=lambda: {"method": "ort-dynamic", "preset": "avx2"})
+    quantize: dict = field(default_factory=lambda: {"method": "ort-dynamic", "preset": "avx2", "compact": True})
     gpu: str | None = None  # the command that trains it on GPUs (documentation; the CPU run records how far it got)
 
 
@@ -108,6 +108,14 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     bench = _typed(BenchSettings, raw.get("bench") or {}, f"{path}: bench")
     return PipelineConfig(raw["name"], _typed(DataConfig, raw.get("data") or {}, f"{path}: data"), models,
                           BenchSettings(**{**bench.__dict__, "threads": tuple(bench.threads)}), path)
+
+
+def select_models(config: PipelineConfig, names: list[str]) -> PipelineConfig:
+    """The same run restricted to some of its models (their stages, then bench, summary and report over them)."""
+    unknown = [n for n in names if n not in config.models]
+    if unknown:
+        raise PipelineError(f"{config.path}: no model {', '.join(unknown)}; its models: {', '.join(config.models)}")
+    return replace(config, models={n: config.models[n] for n in names})
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -325,10 +333,12 @@ def _model_stages(config: PipelineConfig, run_dir: Path, name: str, m: ModelConf
                             lambda checkpoint=checkpoint, out=out: export(checkpoint, out, force=True)))
     last = exports["pruned" if m.prune else "fp32"][1]
     int8 = base / "onnx" / "int8"
-    q = {"method": "ort-dynamic", "preset": "avx2", **m.quantize}
+    q = {"method": "ort-dynamic", "preset": "avx2", "compact": True, **m.quantize}
     stages.append(Stage(f"{name}/quantize", _cmd("lite", "compress", "quantize", last, "--out", int8, "--method",
-                                                 q["method"], "--preset", q["preset"], "--force"),
-                        q, [last], [int8], lambda: quantize(last, int8, q["method"], q["preset"], force=True)))
+                                                 q["method"], "--preset", q["preset"], "--force",
+                                                 *([] if q["compact"] else ["--no-compact"])),
+                        q, [last], [int8],
+                        lambda: quantize(last, int8, q["method"], q["preset"], force=True, compact=q["compact"])))
     measured = base / "stages.json"
     split = config.data.test_split
     command = "; ".join([_cmd("lite", "eval", "--checkpoint", c, "--split", split) for c in checkpoints.values()]
@@ -353,7 +363,8 @@ def _bench_targets(config: PipelineConfig, run_dir: Path) -> list:
                     Target("onnx", str(base / "onnx" / fp32), label=f"{name}/{fp32}"),
                     Target("onnx", str(base / "onnx" / "int8"), label=f"{name}/int8")]
         if config.bench.ct2 and _family(m.overrides.get("arch") or _config_arch(m.config)) == "transformer":
-            targets.append(Target("ct2", str(final), "int8", label=name))
+            targets += [Target("ct2", str(final), "float32", label=f"{name}/fp32"),  # its output vs fairseq's
+                        Target("ct2", str(final), "int8", label=f"{name}/int8")]
     return targets
 
 
@@ -371,8 +382,11 @@ def _bench_stage(config: PipelineConfig, run_dir: Path) -> Stage:
     raw = run_dir / "data" / "raw"
     out = run_dir / "bench.json"
     split = config.data.test_split
+    flags = {"torch": "--checkpoint", "onnx": "--model", "ort": "--ort-model", "ct2": "--ct2"}
     command = _cmd("lite", "bench", "--source", raw / f"{split}.{config.data.src}", "--reference",
-                   raw / f"{split}.{config.data.tgt}", "--sentences", b.sentences, "--out", out)
+                   raw / f"{split}.{config.data.tgt}", *[a for f, p in dict.fromkeys((flags[t.backend], t.path) for t in targets) for a in (f, p)],
+                   "--ct2-quantization", "float32,int8", "--sentences", b.sentences, "--threads",
+                   ",".join(map(str, b.threads)), "--repeat", b.repeat, "--batch", b.batch, "--out", out)
 
     def run():
         document = bench(targets, read_lines(raw / f"{split}.{config.data.src}"),

@@ -91,13 +91,22 @@ def _quantize(args) -> int:
         heldout = (read_lines(args.eval_source, args.eval_lines), read_lines(args.eval_reference, args.eval_lines))
     out = quantize_lib.quantize(args.model_dir, args.out, method=args.method, preset=args.preset,
                                 calibration_lines=lines, force=args.force, max_bleu_drop=args.max_bleu_drop,
-                                heldout=heldout, allow_loss=args.allow_loss, eval_lines=args.eval_lines)
+                                heldout=heldout, allow_loss=args.allow_loss, eval_lines=args.eval_lines,
+                                compact=not args.no_compact)
     entry = ModelDir.open(out).description["quantization"]
     size = entry["bytes"]["total"]
     counts = ", ".join(f"{g} {c['MatMul'] + c['Gemm']}/{c['constant_weight_matmuls_fp32']}"
                        for g, c in entry["quantized"].items())
-    print(f"{out}: {entry['method']} ({entry['preset']}), int8 MatMul/Gemm: {counts}; graphs {size['before']:,} -> "
-          f"{size['after']:,} bytes ({size['after'] / size['before']:.0%})")
+    print(f"{out}: {entry['method']} ({entry['preset']}), int8 MatMul/Gemm: {counts}; graphs and weights "
+          f"{size['before']:,} -> {size['after']:,} bytes ({size['after'] / size['before']:.0%})")
+    if "compact" in entry:
+        c = entry["compact"]
+        sqnr = c["validation"].get("sqnr_db")
+        print(f"compact: {c['tensors']} tensors in {c['weights']} ({c['bytes']:,} bytes, {c['shared']} shared by both "
+              f"graphs), embeddings int8 per row" + (
+                  f"; SQNR vs fp32 (dB) encoder {sqnr['compact']['encoder']} ({sqnr['no_compact']['encoder']} "
+                  f"without --compact), decoder step {sqnr['compact']['decoder_step']} "
+                  f"({sqnr['no_compact']['decoder_step']})" if sqnr else f"; not validated: {c['validation']['skipped']}"))
     if "tuning" in entry:
         t = entry["tuning"]
         chosen = ", ".join(f"{g} {v['chosen']}" for g, v in t["graphs"].items())
@@ -126,6 +135,9 @@ def _add_quantize(actions) -> None:
     p.add_argument("--eval-reference", help="inc-tune: their references (default: <data>/raw/valid.<tgt>)")
     p.add_argument("--eval-lines", type=positive_int, default=quantize_lib.HELDOUT_LINES,
                    help="inc-tune: held-out lines scored per trial (default: %(default)s)")
+    p.add_argument("--no-compact", action="store_true",
+                   help="one self-contained file per graph, embeddings fp32 (default: the compact layout: weights "
+                        "stored once in weights.bin for both graphs, embedding tables int8 per row)")
     p.add_argument("--force", action="store_true", help="replace an existing --out model dir")
     p.set_defaults(func=_quantize)
 

@@ -8,9 +8,11 @@ from pathlib import Path
 def _run(args) -> int:
     from tqdm import tqdm
 
-    from lite.pipeline import load_pipeline, plan, run_pipeline
+    from lite.pipeline import load_pipeline, plan, run_pipeline, select_models
 
     config = load_pipeline(args.config)
+    if args.models:
+        config = select_models(config, args.models)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     with tqdm(total=len(plan(config, run_dir)), desc=config.name, unit="stage") as bar:
         def progress(stage, state: str) -> None:
@@ -42,4 +44,6 @@ def register(sub) -> None:
     p = sub.add_parser("pipeline", help="data -> train -> prune -> export -> int8 -> eval -> bench -> report")
     p.add_argument("config", help="configs/pipelines/<name>.yaml")
     p.add_argument("--run-dir", help="where everything goes (default: runs/<name>)")
+    p.add_argument("--models", type=lambda s: [n for n in s.split(",") if n],
+                   help="run only these models of the config, comma-separated (e.g. lsra,transformer)")
     p.set_defaults(func=_run)

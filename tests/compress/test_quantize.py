@@ -199,3 +199,114 @@ def test_cli(fp32, capsys, tmp_path):
     assert "int8 MatMul/Gemm: encoder" in capsys.readouterr().out
     assert main(["compress", "quantize", str(fp32), "--out", str(tmp_path / "q")]) == 2
     assert capsys.readouterr().err.startswith("lite compress quantize: error: ")
+
+
+# ---------------------------------------------------------------------------------------------- the compact layout
+
+@pytest.fixture(scope="module")
+def plain(fp32):
+    return quantize(fp32, fp32.parent / "plain", compact=False)
+
+
+def _initializers(path, external):
+    model = onnx.load(str(path), load_external_data=external)
+    return model, {i.name: i for i in model.graph.initializer}
+
+
+def _projection(model, initializers):
+    """The output projection's int8 weight [C, V] and its scales: the MatMulInteger over the vocabulary."""
+    node = next(n for n in model.graph.node if n.op_type == "MatMulInteger" and "output_projection" in n.name)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    weight = node.input[1]
+    if weight in producers:  # compact: Transpose(int8 table)
+        weight = producers[weight].input[0]
+        return numpy_helper.to_array(initializers[weight]).T, weight
+    return numpy_helper.to_array(initializers[weight]), weight
+
+
+def test_compact_dir_stores_each_weight_once(dynamic, plain):
+    from compress.compact import EXTERNAL_BYTES, WEIGHTS
+
+    entry = json.loads((dynamic / "model.json").read_text())["quantization"]
+    offsets = {}
+    for graph in ("encoder", "decoder_step"):
+        model, initializers = _initializers(dynamic / f"{graph}.onnx", external=False)
+        inline = [i.name for i in initializers.values()
+                  if i.data_location != TensorProto.EXTERNAL and len(i.raw_data) >= EXTERNAL_BYTES]
+        big_constants = [n.name for n in model.graph.node if n.op_type == "Constant"
+                         and len(n.attribute[0].t.raw_data) >= EXTERNAL_BYTES]
+        assert not inline and not big_constants, (graph, inline, big_constants)
+        for i in initializers.values():
+            if i.data_location == TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in i.external_data}
+                assert where["location"] == WEIGHTS
+                offsets.setdefault(i.name, set()).add(where["offset"])
+    shared = [name for name, o in offsets.items() if name.startswith("compact.embedding")]
+    assert shared and all(len(offsets[name]) == 1 for name in shared)  # the table: one place, both graphs
+    assert entry["compact"]["computed_position_tables"] == 2  # encoder and decoder: no table left
+    # the size figures against an independent count of the bytes on disk
+    on_disk = {name: (dynamic / name).stat().st_size for name in ("encoder.onnx", "decoder_step.onnx", WEIGHTS)}
+    assert entry["compact"]["bytes"] == on_disk[WEIGHTS]
+    assert entry["bytes"]["total"]["after"] == sum(on_disk.values())
+    dir_bytes = {d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) for d in (dynamic, plain)}
+    print(f"int8 dir bytes: compact {dir_bytes[dynamic]:,}, --no-compact {dir_bytes[plain]:,}")
+    assert dir_bytes[dynamic] < dir_bytes[plain]
+
+
+def test_compact_tables_reconstruct_the_int8_weights_exactly(dynamic, plain, fp32):
+    """The lookup table is the --no-compact output projection's int8 weight, transposed, bit for bit, and both are
+    ONNX Runtime's per-channel int8 of the fp32 table (``per_row_int8``)."""
+    from compress.compact import per_row_int8
+
+    compact_model, compact_init = _initializers(dynamic / "decoder_step.onnx", external=True)
+    plain_model, plain_init = _initializers(plain / "decoder_step.onnx", external=True)
+    table_q, table = _projection(compact_model, compact_init)
+    plain_q, plain_weight = _projection(plain_model, plain_init)
+    scale = numpy_helper.to_array(compact_init[table.removesuffix(".int8") + ".scale"])
+    plain_scale = numpy_helper.to_array(plain_init[plain_weight.removesuffix("_quantized") + "_scale"])
+    np.testing.assert_array_equal(table_q, plain_q)
+    np.testing.assert_array_equal(scale, plain_scale)
+    fp32_model, fp32_init = _initializers(fp32 / "decoder_step.onnx", external=True)
+    gather = next(n for n in fp32_model.graph.node if n.op_type == "Gather" and n.input[0] in fp32_init)
+    q, s = per_row_int8(numpy_helper.to_array(fp32_init[gather.input[0]]), reduce_range=True)  # the avx2 preset
+    np.testing.assert_array_equal(q.T, table_q)
+    np.testing.assert_allclose(s, scale, rtol=1e-6)
+
+
+def test_sinusoidal_positions_are_fairseqs():
+    from fairseq.modules import SinusoidalPositionalEmbedding
+
+    from compress.compact import sinusoidal_table
+
+    expected = SinusoidalPositionalEmbedding.get_embedding(300, 32, padding_idx=1).numpy()
+    np.testing.assert_allclose(sinusoidal_table(300, 32, 1), expected, atol=2e-5)
+
+
+def test_compact_layout_is_validated_against_fp32(dynamic, plain, workdir):
+    validation = json.loads((dynamic / "model.json").read_text())["quantization"]["compact"]["validation"]
+    sqnr = validation["sqnr_db"]
+    print(f"SQNR vs fp32 (dB), {validation['lines']} valid lines: {sqnr}")
+    for graph in ("encoder", "decoder_step"):
+        assert sqnr["no_compact"][graph] - 1.0 <= sqnr["compact"][graph] < float("inf")
+    lines = _lines(workdir, "test", 40)
+    compact, no_compact = (Translator(d, SearchOptions(beam=2)).translate(lines) for d in (dynamic, plain))
+    assert sum(a == b for a, b in zip(compact, no_compact)) >= 0.8 * len(lines)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "swapped"])
+def test_a_damaged_weights_file_is_refused(dynamic, tmp_path, damage):
+    from export.model_dir import ModelDirError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dynamic, broken)
+    weights = broken / "weights.bin"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "missing":
+        weights.unlink()
+    else:  # one byte of the shared table changed: same size, other values
+        data = bytearray(weights.read_bytes())
+        data[64] ^= 0x7F
+        weights.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match="weights.bin (is missing|does not match its sha256)"):
+        Translator(broken)

@@ -12,7 +12,7 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 from torch import nn
 
-from export.search import SearchOptions, _block_repeated_ngrams, search
+from export.search import SearchOptions, _block_repeated_ngrams, penalize, search, top_candidates
 from tests.conftest import assert_close, tiny_dictionary, tiny_model
 
 ARCHS = ["transformer_d128", "lsra_wmt_200", "flash_100m", "fastformer_100m"]
@@ -68,6 +68,23 @@ class TorchStepModel:
             self.prev = torch.cat([self.prev[order], tokens], dim=1)
         logits, extra = self.model.decoder(self.prev, encoder_out=self.encoder_out, incremental_state=self.state)
         return self.model.get_normalized_probs((logits[:, -1:], extra), log_probs=True)[:, -1].numpy()  # [N, V]
+
+
+class CandidateTorchStepModel(TorchStepModel):
+    """The same, offering export/search.py's candidates path: penalties and per-row top-k in numpy, as the step
+    graph does them (export/candidates.py; the graph's TopK against this numpy is checked by export validation)."""
+
+    candidates = True
+
+    def __init__(self, model, dictionary):
+        super().__init__(model, dictionary.pad())
+        self.vocab_size, self.dictionary = len(dictionary), dictionary
+
+    def step_candidates(self, tokens, order, step, max_len, options, k):
+        d = self.dictionary
+        lprobs = self.step(tokens, order).astype(np.float32)
+        penalize(lprobs, step, max_len, options, eos=d.eos(), pad=d.pad(), unk=d.unk())
+        return top_candidates(lprobs, k)
 
 
 class SlicedNGramBlocker(nn.Module):
@@ -155,21 +172,23 @@ def _assert_same(ours, theirs):
             assert_close(torch.from_numpy(h.positional_scores), r["positional_scores"], atol=1e-4, rtol=1e-4)
 
 
-def _run(model, d, src: torch.Tensor, options: SearchOptions, max_len_cap: int | None = None):
+def _run(model, d, src: torch.Tensor, options: SearchOptions, max_len_cap: int | None = None,
+         candidates: bool = False):
     cap = model.max_decoder_positions() - 1 if max_len_cap is None else max_len_cap
-    return search(TorchStepModel(model, d.pad()), src.numpy(), eos=d.eos(), pad=d.pad(), unk=d.unk(),
-                  options=options, max_len_cap=cap)
+    step_model = CandidateTorchStepModel(model, d) if candidates else TorchStepModel(model, d.pad())
+    return search(step_model, src.numpy(), eos=d.eos(), pad=d.pad(), unk=d.unk(), options=options, max_len_cap=cap)
 
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: f"b{o.beam}-lp{o.lenpen}-ng{o.no_repeat_ngram_size}"
                          f"-min{o.min_len}-unk{o.unk_penalty}")
-def test_search_matches_fairseq(arch, options):
+@pytest.mark.parametrize("candidates", [False, True], ids=["log-probs", "candidates"])
+def test_search_matches_fairseq(arch, options, candidates):
     model, d, batches = _case(arch)
     lengths = []
     for src in batches:
-        ours = _run(model, d, src, options)
+        ours = _run(model, d, src, options, candidates=candidates)
         _assert_same(ours, _fairseq(model, d, src, options))
         lengths += [(len(h.tokens), _max_len(src) + 1) for hypos in ours for h in hypos]
         assert all(len(hypos) == options.beam for hypos in ours)
@@ -188,7 +207,9 @@ def test_search_matches_fairseq_when_the_beam_fills_the_vocabulary(arch):
     options = SearchOptions(beam=len(d) - 1, min_len=0)
     for lengths in SOURCE_LENGTHS:
         src = _sources(d, lengths, generator)
-        _assert_same(_run(model, d, src, options), _fairseq(model, d, src, options))
+        expected = _fairseq(model, d, src, options)
+        _assert_same(_run(model, d, src, options), expected)
+        _assert_same(_run(model, d, src, options, candidates=True), expected)
 
 
 def test_max_len_cap_matches_fairseq_max_len():

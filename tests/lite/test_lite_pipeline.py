@@ -56,8 +56,8 @@ def test_summary_equals_an_independent_recount(run):
     assert summary["stages"]["lsra/int8"]["bytes"] == sum(p.stat().st_size for p in int8.rglob("*") if p.is_file())
     assert summary["stages"]["lsra/pruned"]["macs"] <= 0.9e6 < summary["stages"]["lsra/fp32"]["macs"]
     backends = summary["backends"]
-    assert any(name.startswith("ct2-int8:") for name in backends)  # the Transformer on CTranslate2
-    assert len(backends) == 7  # torch, onnx fp32/pruned, onnx int8 of each model + ct2: no name shared
+    assert {n.split(":")[0] for n in backends} >= {"ct2-int8", "ct2-float32"}  # the Transformer on CTranslate2
+    assert len(backends) == 8  # torch, onnx fp32/pruned, onnx int8 of each model + ct2 fp32/int8: no name shared
     assert all(b["latency_ms_p50"] > 0 and b["tokens_per_s"] > 0 for b in backends.values())
 
 
@@ -93,3 +93,13 @@ def test_bad_configs_and_a_locked_run_dir_are_refused(tmp_path, run):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(PipelineError, match="in use by another"):
             run_pipeline(config, run_dir)
+
+
+def test_a_subset_of_the_models_runs_their_stages_only(tmp_path):
+    from lite.pipeline import plan, select_models
+
+    config = select_models(_config(tmp_path), ["transformer"])
+    names = [stage.name for stage in plan(config, tmp_path / "run")]
+    assert "transformer/train" in names and not any(n.startswith("lsra/") for n in names)
+    with pytest.raises(PipelineError, match=r"no model gpt; its models: lsra, transformer"):
+        select_models(_config(tmp_path), ["lsra", "gpt"])

@@ -1,0 +1,64 @@
+"""The beam candidates inside the decoder-step graph: search penalties, then the top ``k`` log-probs of each row.
+
+Beam search keeps at most 2 * beam candidates per sentence, and the union of each row's top 2 * beam holds the
+sentence's top 2 * beam over all its rows, so a per-row TopK in the graph is exact; on equal values ONNX's TopK
+puts the lower index first, the order export/search.py sorts by. The step then hands numpy [N, k] instead of
+[N, V]. What the search does to the log-probs before it selects, the graph does before its TopK, in the same order:
+
+    NaN and pad -> -inf;  unk -= unk_penalty;  step >= max_len: every token but eos -> -inf;
+    step < min_len: eos -> -inf
+
+from these inputs (``INPUTS``: values that leave the log-probs as they are, for a caller that only wants those):
+
+    min_len int64 []    max_len int64 []    unk_penalty float32 []    k int64 [1]
+
+Outputs added after the states: ``cand_scores`` float32 [N, k], ``cand_tokens`` int64 [N, k]. ``log_probs``
+stays the first output (export validation compares it; ``no_repeat_ngram_size`` needs the hypotheses and runs
+on it in numpy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# the extra inputs, valued so that the log-probs pass unchanged (and one candidate is kept)
+INPUTS = {"min_len": np.array(0, dtype=np.int64), "max_len": np.array(2 ** 62, dtype=np.int64),
+          "unk_penalty": np.array(0.0, dtype=np.float32), "k": np.array([1], dtype=np.int64)}
+OUTPUTS = ("cand_scores", "cand_tokens")
+
+
+def add_candidates(model, pad: int, eos: int, unk: int) -> None:
+    """Append the penalties and the TopK to a decoder-step ``onnx.ModelProto`` (in place)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    for name, value in INPUTS.items():
+        g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                     list(value.shape)))
+    consts = {"cand/pad": pad, "cand/eos": eos, "cand/unk": unk, "cand/zero": 0, "cand/one": 1}
+    g.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
+    g.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "cand/-inf"))
+    node = helper.make_node
+    g.node.extend([
+        node("Shape", ["log_probs"], ["cand/shape"]),  # [2]: N, V
+        node("Gather", ["cand/shape", "cand/one"], ["cand/V"], axis=0),
+        node("Range", ["cand/zero", "cand/V", "cand/one"], ["cand/column"]),  # [V]
+        node("Equal", ["cand/column", "cand/pad"], ["cand/is_pad"]),
+        node("Equal", ["cand/column", "cand/eos"], ["cand/is_eos"]),
+        node("Equal", ["cand/column", "cand/unk"], ["cand/is_unk"]),
+        node("Not", ["cand/is_eos"], ["cand/not_eos"]),
+        node("IsNaN", ["log_probs"], ["cand/nan"]),
+        node("Where", ["cand/nan", "cand/-inf", "log_probs"], ["cand/x0"]),  # [N, V]
+        node("Where", ["cand/is_pad", "cand/-inf", "cand/x0"], ["cand/x1"]),
+        node("Cast", ["cand/is_unk"], ["cand/unk_f"], to=TensorProto.FLOAT),
+        node("Mul", ["cand/unk_f", "unk_penalty"], ["cand/unk_cost"]),  # [V]: the penalty at unk, 0 elsewhere
+        node("Sub", ["cand/x1", "cand/unk_cost"], ["cand/x2"]),
+        node("GreaterOrEqual", ["step", "max_len"], ["cand/at_max"]),
+        node("And", ["cand/at_max", "cand/not_eos"], ["cand/only_eos"]),
+        node("Where", ["cand/only_eos", "cand/-inf", "cand/x2"], ["cand/x3"]),
+        node("Less", ["step", "min_len"], ["cand/before_min"]),
+        node("And", ["cand/before_min", "cand/is_eos"], ["cand/ban_eos"]),
+        node("Where", ["cand/ban_eos", "cand/-inf", "cand/x3"], ["cand/x4"]),
+        node("TopK", ["cand/x4", "k"], list(OUTPUTS), axis=-1, largest=1, sorted=1),
+    ])
+    g.output.extend([helper.make_tensor_value_info("cand_scores", TensorProto.FLOAT, ["batch", "k"]),
+                     helper.make_tensor_value_info("cand_tokens", TensorProto.INT64, ["batch", "k"])])
