@@ -14,7 +14,7 @@ INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
 TEST_DEPS := pytest
 DEMO := runs/embedded
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test clean-demo arm64-check
 
 install: $(STAMP)
 
@@ -36,3 +36,9 @@ test: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# Not in CI: the int8 model (ORT format) on ARM64 under qemu against x86 (eval/arm64_check.py; needs Debian's
+# qemu-user-static and debootstrap, and root). ARM64_MODEL=DIR checks another model dir.
+ARM64_MODEL ?= $(DEMO)/lsra/onnx/int8
+arm64-check: $(STAMP)
+	$(BIN)/python -m eval.arm64_check $(ARM64_MODEL)
