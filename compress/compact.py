@@ -219,6 +219,8 @@ def _computed_positions(model) -> int:
                      helper.make_node("Equal", [p, f"{base}/padding"], [f"{tag}/is_pad"]),
                      helper.make_node("Unsqueeze", [f"{tag}/is_pad", f"{base}/last"], [f"{tag}/is_pad1"]),
                      helper.make_node("Where", [f"{tag}/is_pad1", f"{base}/zero", f"{tag}/table"], [out])]
+            for node in nodes:  # named: tools key nodes by name
+                node.name = f"{tag}/{node.op_type}_{node.output[0].split('/')[-1]}"
             at = list(model.graph.node).index(gather)
             model.graph.node.remove(gather)
             for j, node in enumerate(nodes):

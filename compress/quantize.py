@@ -397,7 +397,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
                 quantize_graph(source.graph(graph), target, config, reader)
             onnx.checker.check_model(str(target))
             counts[graph] = _counts(source.graph(graph), target)
-        compact_entry = _compact(source, staging, PRESETS[config.preset]) if compact else None
+        # inc-tune keeps the graphs its BLEU criterion measured (compacting them would change the embeddings)
+        compact_entry = _compact(source, staging, PRESETS[config.preset]) if compact and tuned is None else None
         source.copy_non_graph_files(staging)
         if source.has_ort:
             to_ort(staging)  # the same conversion as `lite export --ort`

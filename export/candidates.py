@@ -37,7 +37,9 @@ def add_candidates(model, pad: int, eos: int, unk: int) -> None:
     consts = {"cand/pad": pad, "cand/eos": eos, "cand/unk": unk, "cand/zero": 0, "cand/one": 1}
     g.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
     g.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "cand/-inf"))
-    node = helper.make_node
+    def node(op: str, inputs: list, outputs: list, **attributes):  # named: tools (e.g. INC) key nodes by name
+        return helper.make_node(op, inputs, outputs, name=f"cand/{op}_{outputs[0].split('/')[-1]}", **attributes)
+
     g.node.extend([
         node("Shape", ["log_probs"], ["cand/shape"]),  # [2]: N, V
         node("Gather", ["cand/shape", "cand/one"], ["cand/V"], axis=0),

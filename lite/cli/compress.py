@@ -137,7 +137,8 @@ def _add_quantize(actions) -> None:
                    help="inc-tune: held-out lines scored per trial (default: %(default)s)")
     p.add_argument("--no-compact", action="store_true",
                    help="one self-contained file per graph, embeddings fp32 (default: the compact layout: weights "
-                        "stored once in weights.bin for both graphs, embedding tables int8 per row)")
+                        "stored once in weights.bin for both graphs, embedding tables int8 per row; inc-tune always "
+                        "keeps the graphs its BLEU criterion measured)")
     p.add_argument("--force", action="store_true", help="replace an existing --out model dir")
     p.set_defaults(func=_quantize)
 
