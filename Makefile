@@ -11,7 +11,7 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # then the packages it imports (transformers: onnx_model.py imports it at the top)
 INC := onnx-neural-compressor==1.0
 INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
-TEST_DEPS := pytest
+TEST_DEPS := pytest hypothesis
 DEMO := runs/embedded
 
 .PHONY: install demo test clean-demo arm64-check

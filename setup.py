@@ -11,5 +11,6 @@ setup(
     install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile", "torch-pruning",
                       "onnx>=1.16", "onnxruntime>=1.20", "onnxslim", "ctranslate2>=4.7",
                       "matplotlib"],
+    extras_require={"test": ["pytest", "hypothesis"]},  # the Makefile installs these as TEST_DEPS
     entry_points={"console_scripts": ["lite = lite.cli:main"]},
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -38,9 +39,8 @@ def read_state(path: str | Path, data: str | Path | None = None) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights-only refusal: a global outside the allowed list
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused by the weights-only loader, it holds more than weights and fairseq "
-                              f"args ({first})") from None
+                              f"args ({_refused(e)}); do not load it unless you trust who made it") from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a loadable fairseq checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "model" not in state:
@@ -52,6 +52,15 @@ def read_state(path: str | Path, data: str | Path | None = None) -> dict:
         if (state.get("cfg") or {}).get("task") is not None:
             state["cfg"]["task"]["data"] = str(data)
     return state
+
+
+def _refused(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only refusal names: the global, else its line on what is unsupported (its first line
+    only advises loading unsafely)."""
+    text = str(e)
+    if match := re.search(r"GLOBAL ([\w.]+)", text):
+        return f"global {match[1]}"
+    return next((line.strip() for line in text.splitlines() if "Unsupported" in line), type(e).__name__)
 
 
 def model_args(state: dict) -> argparse.Namespace:

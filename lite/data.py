@@ -19,13 +19,14 @@ from pathlib import Path
 
 from lite.errors import LiteError
 from lite.files import staged_dir, write_json, write_lines
-from lite.text import read_lines
+from lite.text import one_line, read_lines
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_SPLITS = ("train", "valid")
 CORPUS_FILE = "corpus.json"
 SPM_MODEL = "spm.model"
+FAIRSEQ_UNK = "<unk>"  # fairseq's Dictionary.unk_word
 
 
 class DataError(LiteError, ValueError):
@@ -68,13 +69,14 @@ def find_splits(source_dir: Path, src: str, tgt: str) -> list[str]:
 
 
 def read_pairs(source_dir: Path, split: str, src: str, tgt: str) -> tuple[list[str], list[str], int]:
-    """Aligned source/target lines of one split with empty pairs dropped; returns (src, tgt, dropped)."""
+    """Aligned source/target lines of one split, stripped (a line ending in \\r could not be written back) and with
+    empty pairs dropped; returns (src, tgt, dropped)."""
     src_path, tgt_path = source_dir / f"{split}.{src}", source_dir / f"{split}.{tgt}"
     src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}; "
                         f"line N of one must translate line N of the other")
-    kept = [(s, t) for s, t in zip(src_lines, tgt_lines) if s.strip() and t.strip()]
+    kept = [(s, t) for s, t in zip(map(str.strip, src_lines), map(str.strip, tgt_lines)) if s and t]
     return [s for s, _ in kept], [t for _, t in kept], len(src_lines) - len(kept)
 
 
@@ -97,6 +99,13 @@ def train_sentencepiece(texts: list[Path], model_prefix: Path, vocab_size: int) 
         # fairseq's dictionary adds its own specials; sentencepiece keeps only <unk>
         bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, input_sentence_size=2_000_000, shuffle_input_sentence=True,
         num_threads=os.cpu_count() or 1, minloglevel=2)
+
+
+def tokenized(sp, ids: list[int]) -> str:
+    """Sentencepiece ids as the line fairseq-preprocess reads: pieces separated by spaces, a piece sentencepiece does
+    not know as ``<unk>`` (its surface text would become a dictionary entry that no encoding can produce, and the
+    translator refuses such a model)."""
+    return " ".join(FAIRSEQ_UNK if i == sp.unk_id() else sp.id_to_piece(i) for i in ids)
 
 
 def binarize(work: Path, out: Path, splits: list[str], src: str, tgt: str) -> None:
@@ -156,12 +165,19 @@ def prepare(source_dir: str | Path, out: str | Path, src: str = "de", tgt: str =
             corpus.lines[split], corpus.dropped_empty[split] = len(src_lines), dropped
             if dropped:
                 logger.warning(f"{split}: dropped {dropped} pair(s) with an empty side")
-        train_sentencepiece([raw / f"train.{src}", raw / f"train.{tgt}"], staging / "spm", vocab_size)
+        try:
+            train_sentencepiece([raw / f"train.{src}", raw / f"train.{tgt}"], staging / "spm", vocab_size)
+        except RuntimeError as e:  # e.g. more distinct characters than pieces
+            reason = str(e).split("] ", 1)[-1].splitlines()[0]
+            raise DataError(f"{source_dir}/train.{{{src},{tgt}}}: sentencepiece cannot train a {vocab_size}-piece "
+                            f"vocabulary on this text ({reason})"
+                            + ("; raise --vocab-size" if "vocab" in reason.lower() else "")) from None
         sp = spm.SentencePieceProcessor(model_file=str(staging / SPM_MODEL))
         for split in splits:
             for lang in (src, tgt):
-                lines = read_lines(raw / f"{split}.{lang}")
-                write_lines(work / f"{split}.{lang}", [" ".join(p) for p in sp.encode(lines, out_type=str)])
+                # a break inside a line becomes a space whatever the spm normalization (fairseq splits lines on \r)
+                lines = [one_line(line) for line in read_lines(raw / f"{split}.{lang}")]
+                write_lines(work / f"{split}.{lang}", [tokenized(sp, ids) for ids in sp.encode(lines)])
         binarize(work, staging, splits, src, tgt)
         shutil.rmtree(work)
         write_json(staging / CORPUS_FILE, asdict(corpus))

@@ -30,7 +30,7 @@ class TorchTranslator:
         self.model.to(self.device)
         self.options = options
         # <eos> is appended, so at most max_positions - 1 pieces fit
-        self.max_source_pieces = self.model.encoder.max_positions() - 1
+        self.max_source_tokens = self.model.encoder.max_positions() - 1
 
     @property
     def options(self) -> SearchOptions:
@@ -50,9 +50,9 @@ class TorchTranslator:
     def encode(self, line: str) -> torch.Tensor:
         """Raw sentence -> source token ids (with <eos>); over-long sentences are truncated, with a warning."""
         pieces = self.spm.encode(line.strip(), out_type=str)
-        if len(pieces) > self.max_source_pieces:
-            logger.warning(f"sentence of {len(pieces)} pieces truncated to the model's {self.max_source_pieces}")
-            pieces = pieces[:self.max_source_pieces]
+        if len(pieces) > self.max_source_tokens:
+            logger.warning(f"sentence of {len(pieces)} pieces truncated to the model's {self.max_source_tokens}")
+            pieces = pieces[:self.max_source_tokens]
         return self.task.source_dictionary.encode_line(" ".join(pieces), add_if_not_exist=False, append_eos=True).long()
 
     def decode(self, tokens: torch.Tensor) -> str:

@@ -1,12 +1,17 @@
 """``open_translator``: either backend behind one interface (``translate(lines) -> lines``) and one set of search
-options. Torch is imported only for the torch backend."""
+options; ``translate_lines``: one output line per input line, whatever the line. Torch is imported only for the torch
+backend."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Sequence
 
 from export.search import SearchOptions
 
 BACKENDS = ("torch", "onnx", "ort")
+
+logger = logging.getLogger(__name__)
 
 
 def open_translator(backend: str, path: str | Path, data: str | Path | None = None,
@@ -24,3 +29,22 @@ def open_translator(backend: str, path: str | Path, data: str | Path | None = No
         translator = Translator(path, options, threads=threads, batch_size=batch_size, format=backend)
         return translator, Path(data or translator.description["data"])
     raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+
+
+def translate_lines(translator, lines: Sequence[str], name: str) -> list[str]:
+    """``translator.translate(lines)``, except that a line longer than the model takes (more sentencepiece pieces than
+    its source positions) is not translated: its output line is empty and a warning names ``name:line``, as
+    fairseq-interactive refuses such a line (the backends alone would truncate it). Outputs stay aligned with
+    ``lines``: one per line, empty for an empty line."""
+    outputs = [""] * len(lines)
+    todo = []
+    for number, line in enumerate(lines, start=1):
+        pieces = len(translator.spm.encode(line.strip()))
+        if pieces > translator.max_source_tokens:
+            logger.warning(f"{name}:{number}: {pieces} sentencepiece pieces, the model takes at most "
+                           f"{translator.max_source_tokens}; its output line is left empty")
+        else:
+            todo.append(number - 1)
+    for i, output in zip(todo, translator.translate([lines[i] for i in todo])):
+        outputs[i] = output
+    return outputs

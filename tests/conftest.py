@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import re
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+from hypothesis import settings
 
 import lite.models  # noqa: F401  (registers the models)
 from lite.models import LiteTransformerModel
@@ -27,10 +32,30 @@ LITE = [sys.executable, "-m", "lite.cli"]
 LITE_ARCHS = sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is LiteTransformerModel)
 
 
+def fuzz(cases: int = 1000) -> settings:
+    """Hypothesis settings of every fuzz test: the same ``cases`` on every run (seeded from the test), no example
+    database written, no per-case deadline (a test that bounds time asserts it itself)."""
+    return settings(max_examples=cases, derandomize=True, database=None, deadline=None)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     random.seed(0)
     torch.manual_seed(0)
+
+
+@contextmanager
+def logged(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records logged to logger ``name`` in the block (caplog is per test, a fuzz test needs them per case)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -83,6 +108,17 @@ def trained(workdir):
                                        f"max_update={TINY_UPDATES}"])
     assert train(config) == 0
     return workdir / "ck" / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="session")
+def model_dir(trained, tmp_path_factory):
+    """``trained`` exported (ONNX graphs, no slim, no ORT format), for tests that only read the model dir."""
+    from export.exporter import export
+
+    root = tmp_path_factory.mktemp("model_dir")
+    checkpoint = root / "model.pt"
+    shutil.copy(trained, checkpoint)  # other tests keep training the original
+    return export(checkpoint, root / "onnx")
 
 
 def fairseq_generate(workdir: Path, checkpoint: Path, split: str = "test", beam: int = 4) -> dict:

@@ -27,13 +27,13 @@ def _model_path(args) -> str:
 
 def _translate(args) -> int:
     from lite.text import read_stream
-    from lite.translate import open_translator
+    from lite.translate import open_translator, translate_lines
 
-    lines = read_stream(sys.stdin.buffer, "<stdin>")
+    lines = read_stream(sys.stdin.buffer, "<stdin>", keep_going=True)  # a line that is not UTF-8 reads as ""
     translator, _ = open_translator(args.backend, _model_path(args), args.data, _options(args), args.threads,
                                     args.batch_size)
     start = time.perf_counter()
-    outputs = translator.translate(lines)
+    outputs = translate_lines(translator, lines, "<stdin>")
     seconds = time.perf_counter() - start
     for line in outputs:
         print(line)
@@ -73,7 +73,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("translate", help="translate stdin to stdout, one sentence per line")
+    p = sub.add_parser("translate", help="translate stdin to stdout, one sentence per line; a line that is not UTF-8 "
+                                         "or longer than the model takes gives an empty line (and a warning)")
     _add_search_args(p)
     p.add_argument("--timing", action="store_true", help="print ms/sentence to stderr")
     p.set_defaults(func=_translate)

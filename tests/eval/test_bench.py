@@ -6,13 +6,11 @@ import pytest
 from sacrebleu.metrics import BLEU
 
 from eval.bench import BenchConfig, Target, bench, markdown
-from export.exporter import export
 from lite.cli import main
 
 
 @pytest.fixture(scope="module")
-def document(trained, workdir, tmp_path_factory):
-    model_dir = export(trained, tmp_path_factory.mktemp("bench") / "onnx")
+def document(trained, workdir, model_dir):
     raw = workdir / "data" / "raw"
     sources = (raw / "test.de").read_text(encoding="utf-8").split("\n")[:-1]
     references = (raw / "test.en").read_text(encoding="utf-8").split("\n")[:-1]

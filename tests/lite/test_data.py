@@ -1,10 +1,16 @@
 """lite data prepare: splits, cleaning, sentencepiece + fairseq-preprocess, and every bad-input path."""
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from lite.data import Corpus, DataError, prepare
-from lite.text import TextError
+from lite.errors import LiteError
+from lite.text import TextError, read_lines
+from tests.conftest import fuzz
 
 PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Katzen schlafen.", "Two cats sleep."),
          ("Ein Mann fährt Rad.", "A man rides a bike."), ("Die Frau liest.", "The woman reads.")] * 10
@@ -86,7 +92,115 @@ def test_non_utf8_is_reported_with_file_and_line(text_dir, tmp_path):
         prepare(text_dir, tmp_path / "out")
 
 
+def test_more_characters_than_pieces_is_one_error_line(text_dir, tmp_path):
+    write_split(text_dir, "train", [*PAIRS, ("".join(map(chr, range(0x4E00, 0x4E40))), "CJK")])  # 64 new characters
+    with pytest.raises(DataError, match=r"train\.\{de,en\}: sentencepiece cannot train a 60-piece vocabulary.*"
+                                        r"raise --vocab-size"):
+        prepare(text_dir, tmp_path / "out", vocab_size=60)
+
+
 def test_a_huge_line_survives(text_dir, tmp_path):
     write_split(text_dir, "test2016", [("Hund " * 5000, "dog " * 5000)])
     corpus = prepare(text_dir, tmp_path / "out", vocab_size=60)
     assert corpus.lines["test2016"] == 1
+
+
+# every character but \n that str.splitlines breaks on (\r: Python's universal newlines too, as fairseq reads)
+SEPARATORS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def binarized(out, split, lang):
+    """The detokenized sentences of a binarized split, in order (as fairseq's dataset reads them)."""
+    import sentencepiece as spm
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(out / f"dict.{lang}.txt"))
+    dataset = data_utils.load_indexed_dataset(str(out / f"{split}.de-en.{lang}"), dictionary, "mmap")
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    return [sp.decode(dictionary.string(dataset[i]).split()) for i in range(len(dataset))]
+
+
+def test_line_breaks_inside_a_line_keep_pairs_aligned(text_dir, tmp_path):
+    """Each becomes a word break in what fairseq reads (sentencepiece alone would delete \\x0b and \\x1c-\\x1e and
+    keep \\x85 as a piece), and the pairs stay in order."""
+    pairs = []
+    for sep in SEPARATORS:  # on the source side, on the target side, on both
+        pairs += [(f"Ein{sep}Hund läuft.", "A dog runs."), ("Zwei Katzen schlafen.", f"Two{sep}cats sleep."),
+                  (f"Die{sep}Frau liest.", f"The{sep}woman reads.")]
+    write_split(text_dir, "test2016", pairs)
+    out = tmp_path / "out"
+    assert prepare(text_dir, out, vocab_size=60).lines["test2016"] == 3 * len(SEPARATORS)
+    assert read_lines(out / "raw" / "test2016.de") == [s for s, _ in pairs]  # the references keep their text
+    assert binarized(out, "test2016", "de") == ["Ein Hund läuft.", "Zwei Katzen schlafen.", "Die Frau liest."] * 9
+    assert binarized(out, "test2016", "en") == ["A dog runs.", "Two cats sleep.", "The woman reads."] * 9
+
+
+HOSTILE_LINE = st.one_of(
+    st.sampled_from(["", " ", "\t", "Ein Hund läuft.", "A dog runs.", "🐶", "\u202eHund", "\x00", "\u200b"]),
+    st.text(st.sampled_from([*SEPARATORS, *"ab äЖ漢\t", "\x00", "\x1f", "\u200b", "\u202e", "🐶"]), max_size=12),
+    st.text(max_size=12),
+)
+FLAWS = ["none", "none", "none", "no last newline", "crlf", "extra line", "not UTF-8", "random bytes"]
+
+
+@st.composite
+def corpus_files(draw) -> dict[str, bytes]:
+    """File name -> content: aligned pairs of hostile lines in train, valid and test, then one file (or none) made
+    ragged, longer than its other side, not UTF-8 or random bytes."""
+    files = {}
+    for split in ("train", "valid", "test"):
+        pairs = draw(st.lists(st.tuples(HOSTILE_LINE, HOSTILE_LINE), max_size=5))
+        if draw(st.integers(0, 9)):  # mostly one plain pair too, so that most corpora can be prepared
+            pairs.insert(draw(st.integers(0, len(pairs))), ("Ein Hund läuft.", "A dog runs."))
+        for i, lang in enumerate(("de", "en")):
+            files[f"{split}.{lang}"] = "".join(pair[i] + "\n" for pair in pairs).encode()
+    flaw, name = draw(st.sampled_from(FLAWS)), draw(st.sampled_from(sorted(files)))
+    event(f"flaw: {flaw}")
+    if flaw == "no last newline":
+        files[name] = files[name].removesuffix(b"\n")
+    elif flaw == "crlf":
+        files[name] = files[name].replace(b"\n", b"\r\n")
+    elif flaw == "extra line":
+        files[name] += draw(HOSTILE_LINE).encode() + b"\n"
+    elif flaw == "not UTF-8":
+        files[name] = b"\xff" + files[name]
+    elif flaw == "random bytes":
+        files[name] = draw(st.binary(max_size=24))
+    return files
+
+
+@fuzz(50)  # each case may run sentencepiece and fairseq-preprocess: 50, not 1,000 (the reader is fuzzed in test_text)
+@given(files=corpus_files())
+def test_prepare_hostile_files_gives_an_error_line_or_an_aligned_corpus(files):
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "text", Path(tmp) / "data"
+        source.mkdir()
+        for name, content in files.items():
+            (source / name).write_bytes(content)
+        try:
+            corpus = prepare(source, out, vocab_size=40)
+        except LiteError as e:
+            kinds = ("not UTF-8", "lines but", "no non-empty", "sentencepiece")
+            event("refused: " + next((k for k in kinds if k in str(e)), str(e)))
+            assert "\n" not in str(e) and str(source) in str(e) and not out.exists()
+            return
+        event("prepared")
+        for split in ("train", "valid", "test"):
+            pairs = list(zip(*(_lines(files[f"{split}.{lang}"]) for lang in ("de", "en"))))
+            kept = [(s.strip(), t.strip()) for s, t in pairs if s.strip() and t.strip()]
+            assert corpus.lines[split] == len(kept) and corpus.dropped_empty[split] == len(pairs) - len(kept)
+            for side, lang in enumerate(("de", "en")):
+                assert read_lines(out / "raw" / f"{split}.{lang}") == [p[side] for p in kept]
+                assert len(binarized(out, split, lang)) == len(kept)
+        sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))  # else the translator refuses the model
+        entries = [line.rsplit(" ", 1)[0] for line in read_lines(out / "dict.de.txt")]
+        assert all(sp.piece_to_id(e) != sp.unk_id() for e in entries if not e.startswith("madeupword"))
+
+
+def _lines(content: bytes) -> list[str]:
+    """The lines of a file as the reader should see them: split at \\n, one trailing \\r dropped."""
+    lines = content.split(b"\n")
+    lines = lines[:-1] if lines[-1] == b"" else lines
+    return [line.removesuffix(b"\r").decode("utf-8") for line in lines]

@@ -3,8 +3,11 @@ so sources and references stay aligned; bad bytes name the file and line."""
 import io
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from lite.text import TextError, read_lines, read_stream
+from lite.text import TextError, decode_line, read_lines, read_stream
+from tests.conftest import fuzz, logged
 
 # what str.splitlines() would break a line on, besides \n
 SEPARATORS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
@@ -32,3 +35,47 @@ def test_bad_bytes_and_missing_files_name_the_place(tmp_path):
     with pytest.raises(TextError, match="no such file"):
         read_lines(tmp_path / "missing.txt")
     assert read_stream(io.BytesIO(b"1\n2\n3\n"), "<t>", limit=2) == ["1", "2"]
+
+
+# bytes as they come: random, UTF-8 text, and pieces mixed with line breaks of every kind
+LINE_BYTES = st.one_of(st.binary(max_size=64), st.text(max_size=32).map(str.encode),
+                       st.lists(st.one_of(st.binary(max_size=4), st.sampled_from([*SEPARATORS, "\n", "é", "\U0001f600"])
+                                          .map(str.encode)), max_size=16).map(b"".join))
+
+
+@fuzz()
+@given(body=LINE_BYTES.map(lambda b: b.replace(b"\n", b"")), end=st.sampled_from([b"", b"\n", b"\r\n"]))
+def test_decode_line_gives_one_line_or_names_it(body, end):
+    try:
+        text = decode_line(body + end, "f.txt", 7)
+    except TextError as e:
+        assert str(e).startswith("f.txt:7: not UTF-8") and "\n" not in str(e)
+        with pytest.raises(UnicodeDecodeError):
+            body.decode("utf-8")
+    else:
+        assert "\n" not in text and text.encode() == (body if end == b"\r\n" else body.removesuffix(b"\r"))
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@fuzz()
+@given(LINE_BYTES)
+def test_read_stream_keeps_every_line_in_place(blob):
+    raws = blob.split(b"\n")
+    raws = raws[:-1] if raws[-1] == b"" else raws  # a last line without its \n still counts
+    expected = [_utf8(raw.removesuffix(b"\r")) for raw in raws]
+    bad = [number for number, line in enumerate(expected, start=1) if line is None]
+    with logged("lite.text") as records:
+        lines = read_stream(io.BytesIO(blob), "<t>", keep_going=True)
+    assert lines == [line or "" for line in expected]  # a bad line reads as "", the others keep their place
+    assert [r.getMessage().split(":")[1] for r in records] == [str(number) for number in bad]
+    if bad:
+        with pytest.raises(TextError, match=rf"^<t>:{bad[0]}: not UTF-8"):
+            read_stream(io.BytesIO(blob), "<t>")
+    else:
+        assert read_stream(io.BytesIO(blob), "<t>") == lines
