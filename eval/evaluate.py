@@ -9,7 +9,7 @@ from export.search import SearchOptions
 from lite.data import Corpus, DataError
 from lite.files import write_json, write_lines
 from lite.text import read_lines
-from lite.translate import open_translator
+from lite.translate import open_translator, translate_lines
 
 
 def split_lines(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
@@ -36,7 +36,7 @@ def evaluate(model: str | Path, split: str, data: str | Path | None = None, opti
     sources, references = split_lines(data_dir, split)
 
     start = time.perf_counter()
-    hypotheses = translator.translate(sources)
+    hypotheses = translate_lines(translator, sources, f"{data_dir}/raw/{split}")  # one per line, as lite translate
     seconds = time.perf_counter() - start
 
     path = Path(model).resolve()  # a model dir stays as exported (its files are hashed): results go beside it

@@ -31,6 +31,7 @@ DESCRIPTION = "model.json"
 # what the translator reads from model.json; a dir without one of them is refused when opened
 REQUIRED_KEYS = ("format", "files", "src", "tgt", "bos", "pad", "eos", "unk", "vocab_size", "max_source_positions",
                  "max_target_positions", "io", "states")
+MAX_FILE_BYTES = 2 ** 31  # a graph's protobuf cannot exceed 2 GiB; no file of an edge model comes near it
 
 
 class ModelDirError(LiteError, ValueError):
@@ -119,6 +120,9 @@ class ModelDir:
             file = _check_name(root, name)
             if not file.is_file():
                 raise ModelDirError(f"{root}: {name} is missing")
+            if file.stat().st_size > MAX_FILE_BYTES:  # refused before it is read, let alone hashed or loaded
+                raise ModelDirError(f"{root}: {name} is {file.stat().st_size:,} bytes, over the {MAX_FILE_BYTES:,} "
+                                    f"a model dir's file may hold")
             if sha256(file) != digest:
                 raise ModelDirError(f"{root}: {name} does not match its sha256 in {DESCRIPTION} (altered or corrupt)")
         return cls(root, description)

@@ -119,6 +119,12 @@ class Translator:
         options_.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sessions = {g: ort.InferenceSession(str(self.dir.graph(g, format)), options_,
                                             providers=["CPUExecutionProvider"]) for g in GRAPHS}
+        for g, session in sessions.items():  # a graph swapped for another, its hash recomputed, stops here
+            found = {"inputs": {i.name for i in session.get_inputs()},
+                     "outputs": {o.name for o in session.get_outputs()}}
+            if any(found[k] != set(d["io"][g][k]) for k in found):
+                raise ModelDirError(f"{self.dir.graph(g, format)}: its inputs/outputs are not those model.json lists "
+                                    f"for the {g} graph; it belongs to another model or place")
         vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]
         if isinstance(vocab, int) and vocab != d["vocab_size"]:
             raise ModelDirError(f"{self.model_dir}: decoder_step gives {vocab} log-probs, model.json says "

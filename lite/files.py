@@ -7,6 +7,7 @@ restored by the next ``replace_dir``). Torch-free: the ONNX runtime uses it too.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -74,19 +75,47 @@ def check_out_dir(out: Path, marker: str, force: bool, what: str) -> None:
 
 
 @contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock (``.<name>.lock`` beside it) for the block: a second writer of ``out`` is refused with one
+    line instead of interleaving its writes. The kernel drops the lock when its holder dies, even by SIGKILL."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise OutputError(f"{out} is being written by another process (pid {f.read().strip() or '?'}); wait for "
+                              f"it to end or choose another output") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging dirs of ``out`` left by a killed writer (safe: the caller holds ``out``'s lock)."""
+    for stale in out.parent.glob(f".{out.name}.*"):
+        if stale.is_dir() and stale != _aside(out):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
 def staged_dir(out: Path, marker: str, force: bool, what: str) -> Iterator[Path]:
     """A temp dir beside ``out`` to fill; moved to ``out`` when the block ends, removed if it raises.
 
-    The block must write ``marker`` into the staging dir (it says the dir is the toolkit's to replace)."""
+    The block must write ``marker`` into the staging dir (it says the dir is the toolkit's to replace). ``out`` is
+    locked meanwhile; staging dirs that a killed writer left are removed."""
     out = Path(out)
-    check_out_dir(out, marker, force, what)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield staging
-        if not (staging / marker).is_file():
-            raise OutputError(f"internal: {what} staged without its {marker}")
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with locked(out):
+        check_out_dir(out, marker, force, what)
+        _remove_stale_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            yield staging
+            if not (staging / marker).is_file():
+                raise OutputError(f"internal: {what} staged without its {marker}")
+            replace_dir(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

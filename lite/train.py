@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from lite.errors import LiteError
-from lite.files import write_json
+from lite.files import locked, write_json
 
 USER_DIR = str(Path(__file__).resolve().parent)
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a child gets when its parent dies (Linux)
@@ -116,19 +116,21 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
     if "log_format" not in config:
         argv += ["--log-format", "tqdm" if sys.stderr.isatty() else "simple"]
     parse_fairseq_args(argv)  # fail here, with a clear message, rather than deep inside fairseq
-    Path(config["save_dir"]).mkdir(parents=True, exist_ok=True)
-    argv += _resume_args(Path(config["save_dir"]), config)
-    print("fairseq-train " + " ".join(argv), file=sys.stderr, flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy(),
-                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    try:
-        if max_cpu_minutes is None:
-            return child.wait()
-        return _wait_within_cpu(child, Path(config["save_dir"]), 60 * max_cpu_minutes)
-    finally:  # interrupted or terminated: stop fairseq-train too (it resumes from its last checkpoint)
-        if child.poll() is None:
-            child.terminate()
-            child.wait()
+    save_dir = Path(config["save_dir"])
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with locked(save_dir):  # a second `lite train` on this save dir would interleave checkpoints
+        argv += _resume_args(save_dir, config)
+        print("fairseq-train " + " ".join(argv), file=sys.stderr, flush=True)
+        child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy(),
+                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        try:
+            if max_cpu_minutes is None:
+                return child.wait()
+            return _wait_within_cpu(child, save_dir, 60 * max_cpu_minutes)
+        finally:  # interrupted or terminated: stop fairseq-train too (it resumes from its last checkpoint)
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
 
 
 CPU_LOG = "lite_cpu.json"  # CPU seconds spent by earlier runs of this save dir
@@ -156,13 +158,14 @@ def _tree_cpu(process) -> float:
 
 def _wait_within_cpu(child: subprocess.Popen, save_dir: Path, budget_s: float, poll_s: float = 2.0) -> int:
     """Wait for fairseq-train; stop it when the save dir's CPU budget is spent. Exit code 0 when stopped by the
-    budget (training ended as asked)."""
+    budget (training ended as asked). The CPU spent is logged at every poll, so a killed run's time still counts."""
     import psutil
 
     process, before, used = psutil.Process(child.pid), cpu_seconds_spent(save_dir), 0.0
     try:
         while child.poll() is None:
             used = max(used, _tree_cpu(process))
+            write_json(save_dir / CPU_LOG, {"cpu_seconds": round(before + used, 1)})
             if before + used >= budget_s:
                 logger.info(f"CPU budget of {budget_s / 60:.1f} min spent: stopping fairseq-train")
                 child.terminate()

@@ -38,6 +38,15 @@ def fuzz(cases: int = 1000) -> settings:
     return settings(max_examples=cases, derandomize=True, database=None, deadline=None)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    from tests.figures import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, count in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {count:,}")
+
+
 @pytest.fixture(autouse=True)
 def seed():
     random.seed(0)

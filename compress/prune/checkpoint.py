@@ -19,9 +19,10 @@ from compress.errors import PruneError
 from compress.prune import CHECKPOINT_NAME, REPORT_NAME
 from compress.prune.budget import Batches, PruneConfig, PruneResult, missing_args, model_options, prune_to_budget
 from lite.checkpoint import load_model, model_args, pruned_dims, read_state
-from lite.files import write_json
+from lite.files import check_out_dir, staged_dir, write_json
 
 ATOL = 1e-5  # the rebuilt model must reproduce the pruned one to this
+WHAT = "pruned checkpoint dir"
 
 
 def pruned_state(state: dict, model: nn.Module, result: PruneResult) -> dict:
@@ -99,7 +100,8 @@ def train_batches(task, model: nn.Module, count: int, max_tokens: int, seed: int
 
 def prune_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: PruneConfig, data: str | Path | None = None,
                      force: bool = False) -> tuple[nn.Module, dict]:
-    """Load -> prune to the budget -> verify -> write ``out_dir/checkpoint_pruned.pt`` and ``prune.json``.
+    """Load -> prune to the budget -> verify -> write ``out_dir/checkpoint_pruned.pt`` and ``prune.json`` (the dir
+    staged and swapped in whole: a kill never leaves a checkpoint without its report).
 
     Returns the pruned model and the report (prune.json's content).
     """
@@ -107,8 +109,7 @@ def prune_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: PruneC
 
     out_dir = Path(out_dir)
     target = out_dir / CHECKPOINT_NAME
-    if target.exists() and not force:
-        raise PruneError(f"{target} exists; pass --force to replace it")
+    check_out_dir(out_dir, REPORT_NAME, force, WHAT)  # before the work, not after it
     model, task = load_model(checkpoint, data)
     if config.kinds is not None:  # named kinds must be describable too: the checkpoint is rebuilt from its args
         options = model_options()
@@ -123,10 +124,10 @@ def prune_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: PruneC
     result = prune_to_budget(model, config, batches)
     new = pruned_state(state, model, result)
     verify_state(new, model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_utils.torch_persistent_save(new, str(target))  # writes <target>.tmp, then renames
     report = {"source": str(checkpoint), "checkpoint": str(target), **asdict(result),
               "finetune_overrides": [f"{k}={v}" for k, v in result.pruned_dims.items()],
               "torch_pruning": getattr(tp, "__version__", "unknown")}
-    write_json(out_dir / REPORT_NAME, report)
+    with staged_dir(out_dir, REPORT_NAME, force, WHAT) as staging:
+        checkpoint_utils.torch_persistent_save(new, str(staging / CHECKPOINT_NAME))
+        write_json(staging / REPORT_NAME, report)
     return model, report

@@ -349,7 +349,7 @@ def test_cli_prunes_with_taylor_on_the_training_data_and_refuses_bad_budgets(tra
     assert cli("--budget", "1100k", "--importance", "taylor", "--taylor-batches", "2", "--step", "0.2", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["importance"] == "taylor" and report["macs_after"] <= 1_100_000
-    assert cli("--budget", "1100k") == 2 and "exists; pass --force" in capsys.readouterr().err
+    assert cli("--budget", "1100k") == 2 and "pass --force to replace it" in capsys.readouterr().err
     assert cli("--budget", "1100k", "--kinds", "gau_hidden_dim", "--force") == 2
     assert "--kinds gau_hidden_dim: this model has no such layers" in capsys.readouterr().err
 

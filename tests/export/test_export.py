@@ -19,6 +19,7 @@ from lite.files import OutputError
 from lite.modules import MIXERS
 from lite.torch_translator import TorchTranslator
 from tests.conftest import LITE, LITE_ARCHS, ROOT, fairseq_generate, run, tiny_dictionary, tiny_model
+from tests.figures import tally
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
@@ -188,17 +189,23 @@ def _copy(model_dir, tmp_path):
     return target
 
 
+def _refused(model_dir, match: str, **kwargs) -> None:
+    """The translator refuses ``model_dir`` with one line matching ``match`` (counted for the reliability figures)."""
+    with pytest.raises(ModelDirError, match=match) as refusal:
+        Translator(model_dir, **kwargs)
+    assert "\n" not in str(refusal.value)
+    tally("hostile model dirs refused")
+
+
 def test_missing_or_altered_files_are_refused(exported, tmp_path):
     _, model_dir = exported
     missing = _copy(model_dir, tmp_path / "a")
     (missing / "decoder_step.onnx").unlink()
-    with pytest.raises(ModelDirError, match="decoder_step.onnx is missing"):
-        Translator(missing)
+    _refused(missing, "decoder_step.onnx is missing")
     altered = _copy(model_dir, tmp_path / "b")
     with open(altered / "encoder.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ModelDirError, match="encoder.onnx does not match its sha256"):
-        Translator(altered)
+    _refused(altered, "encoder.onnx does not match its sha256")
     cli = run([*LITE, "translate", "--backend", "onnx", "--model", str(altered)], input="Hund\n")
     assert cli.returncode == 2 and "does not match its sha256" in cli.stderr
 
@@ -218,12 +225,10 @@ def test_mismatched_dictionary_or_sentencepiece_is_refused(exported, tmp_path):
     short = _copy(model_dir, tmp_path / "a")
     symbols = (short / "vocab.txt").read_text(encoding="utf-8").splitlines()
     _rewrite(short, "vocab.txt", "\n".join(symbols[:-8]) + "\n")
-    with pytest.raises(ModelDirError, match="vocab.txt has .* entries, the graphs"):
-        Translator(short)
+    _refused(short, "vocab.txt has .* entries, the graphs")
     foreign = _copy(model_dir, tmp_path / "b")
     _rewrite(foreign, "vocab.txt", "\n".join(symbols[:4] + [f"zz{i}" for i in range(len(symbols) - 4)]) + "\n")
-    with pytest.raises(ModelDirError, match="sentencepiece model and dictionary do not match"):
-        Translator(foreign)
+    _refused(foreign, "sentencepiece model and dictionary do not match")
 
 
 def test_existing_out_dir_needs_force(exported, tmp_path):
@@ -245,8 +250,7 @@ def test_model_dir_names_outside_the_dir_are_refused(exported, tmp_path, name):
     description = json.loads((hostile / "model.json").read_text())
     description["files"][name] = "0" * 64
     (hostile / "model.json").write_text(json.dumps(description))
-    with pytest.raises(ModelDirError, match="not a plain relative name"):
-        Translator(hostile)
+    _refused(hostile, "not a plain relative name")
 
 
 def test_unlisted_and_linked_files_are_refused(exported, tmp_path):
@@ -258,10 +262,27 @@ def test_unlisted_and_linked_files_are_refused(exported, tmp_path):
         del description["files"][name]
     (unlisted / "model.json").write_text(json.dumps(description))
     Translator(unlisted)  # the ONNX graphs are listed and fine
-    with pytest.raises(ModelDirError, match="ORT-format encoder graphs listed"):
-        Translator(unlisted, format="ort")
+    _refused(unlisted, "ORT-format encoder graphs listed", format="ort")
     linked = _copy(model_dir, tmp_path / "b")
     (linked / "spm.model").unlink()
     (linked / "spm.model").symlink_to(model_dir / "spm.model")
-    with pytest.raises(ModelDirError, match="symbolic link"):
-        Translator(linked)
+    _refused(linked, "symbolic link")
+
+
+def test_swapped_and_oversized_graphs_are_refused(exported, tmp_path):
+    from export.model_dir import MAX_FILE_BYTES, sha256
+
+    _, model_dir = exported
+    swapped = _copy(model_dir, tmp_path / "a")  # the two graphs trade places, manifest recomputed to match
+    (swapped / "encoder.onnx").rename(swapped / "tmp")
+    (swapped / "decoder_step.onnx").rename(swapped / "encoder.onnx")
+    (swapped / "tmp").rename(swapped / "decoder_step.onnx")
+    description = json.loads((swapped / "model.json").read_text())
+    for name in ("encoder.onnx", "decoder_step.onnx"):
+        description["files"][name] = sha256(swapped / name)
+    (swapped / "model.json").write_text(json.dumps(description))
+    _refused(swapped, "encoder.onnx: its inputs/outputs are not those model.json lists")
+    huge = _copy(model_dir, tmp_path / "b")  # a sparse file: no disk used, refused before it is read
+    with open(huge / "decoder_step.onnx", "r+b") as f:
+        f.truncate(MAX_FILE_BYTES + 1)
+    _refused(huge, "decoder_step.onnx is 2,147,483,649 bytes, over")
