@@ -36,7 +36,7 @@ def evaluate(model: str | Path, split: str, data: str | Path | None = None, opti
     sources, references = split_lines(data_dir, split)
 
     start = time.perf_counter()
-    hypotheses = translate_lines(translator, sources, f"{data_dir}/raw/{split}")  # one per line, as lite translate
+    hypotheses = translate_lines(translator, sources, f"{data_dir}/raw/{split}.{Corpus.load(data_dir).src}")
     seconds = time.perf_counter() - start
 
     path = Path(model).resolve()  # a model dir stays as exported (its files are hashed): results go beside it

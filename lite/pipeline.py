@@ -234,7 +234,8 @@ def _overrides(values: dict) -> list[str]:
 
 
 def _family(arch: str) -> str:
-    return next(f for f in ("flash_quad", "flash", "fastformer", "lsra", "transformer", arch) if arch.startswith(f))
+    families = ("flash_quad", "flash", "fastformer", "linear", "lsra", "transformer")
+    return next((f for f in families if arch.startswith(f)), arch)
 
 
 def _data_stage(config: PipelineConfig, run_dir: Path) -> Stage:

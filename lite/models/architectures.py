@@ -113,6 +113,12 @@ def _fastformer(args, dim: int) -> None:
     _transformer(args, dim)
 
 
+def _linear(args, dim: int) -> None:
+    """Linear Transformer attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", "linear")
+    _transformer(args, dim)
+
+
 @register_model_architecture(MODEL, "lsra_iwslt_160")
 def lsra_iwslt_160(args):
     _lsra_iwslt(args, 160)

@@ -14,7 +14,7 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import MODEL, _fastformer, _flash, _lsra_wmt, _transformer
+from lite.models.architectures import MODEL, _fastformer, _flash, _linear, _lsra_wmt, _transformer
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -39,6 +39,8 @@ FAMILIES: dict[str, Family] = {
                     f"FLASH: GAU with mixed chunk attention (C = {FLASH_CHUNK}), no FFN, 12+12 layers, pre-norm"),
     "fastformer": Family(_fastformer, 8, "Fastformer: additive attention in place of self-attention, FFN = 4 x embed, "
                                          "6+6"),
+    "linear": Family(_linear, 8, "Linear Transformer: elu + 1 kernel attention in place of self-attention, FFN = 4 x "
+                                 "embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -48,6 +50,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "flash_quad": {100 * M: "flash_quad_100m", 500 * M: "flash_quad_500m"},
     "flash": {100 * M: "flash_100m", 500 * M: "flash_500m"},
     "fastformer": {100 * M: "fastformer_100m", 500 * M: "fastformer_500m"},
+    "linear": {100 * M: "linear_100m"},
 }
 
 
@@ -99,3 +102,8 @@ def fastformer_100m(args):  # d=136 (4 heads): 96.6M MACs
 @register_model_architecture(MODEL, "fastformer_500m")
 def fastformer_500m(args):  # d=312 (8 heads): 499.3M MACs
     _fastformer(args, 312)
+
+
+@register_model_architecture(MODEL, "linear_100m")
+def linear_100m(args):  # d=136 (4 heads): 98.1M MACs
+    _linear(args, 136)

@@ -17,6 +17,7 @@ from lite.modules.conv import DynamicConv, LightweightConv
 from lite.modules.fastformer import Fastformer, fastformer_from_spec
 from lite.modules.ffn import FeedForward
 from lite.modules.gau import GAU, gau_from_spec
+from lite.modules.linear_attention import LinearAttention, linear_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
 
 
@@ -79,6 +80,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "conv": _conv,
     "gau": gau_from_spec,  # FLASH-Quad (chunk_size 0) and FLASH (mixed chunks)
     "fastformer": fastformer_from_spec,
+    "linear": linear_attention_from_spec,  # Linear Transformer (elu + 1 kernel; causal by prefix sums)
 }
 
 
@@ -89,4 +91,5 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 
 
 __all__ = ["MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
-           "LightweightConv", "DynamicConv", "GAU", "Fastformer"]
+           "LightweightConv", "DynamicConv", "GAU", "Fastformer",
+           "LinearAttention"]

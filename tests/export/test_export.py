@@ -24,7 +24,8 @@ from tests.figures import tally
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
 # one architecture per family: (mixer, convolution, chunked)
-EXPORTED = ["transformer_d128", "lsra_iwslt_160", "lsra_wmt_200", "flash_quad_100m", "flash_100m", "fastformer_100m"]
+EXPORTED = ["transformer_d128", "lsra_iwslt_160", "lsra_wmt_200", "flash_quad_100m", "flash_100m", "fastformer_100m",
+            "linear_100m"]
 
 
 def family(arch: str) -> tuple:

@@ -11,6 +11,7 @@ from lite.data import Corpus, DataError, prepare
 from lite.errors import LiteError
 from lite.text import TextError, read_lines
 from tests.conftest import fuzz
+from tests.figures import tally
 
 PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Katzen schlafen.", "Two cats sleep."),
          ("Ein Mann fährt Rad.", "A man rides a bike."), ("Die Frau liest.", "The woman reads.")] * 10
@@ -172,6 +173,7 @@ def corpus_files(draw) -> dict[str, bytes]:
 @fuzz(50)  # each case may run sentencepiece and fairseq-preprocess: 50, not 1,000 (the reader is fuzzed in test_text)
 @given(files=corpus_files())
 def test_prepare_hostile_files_gives_an_error_line_or_an_aligned_corpus(files):
+    tally("fuzz cases: lite data prepare (hostile corpus files)")
     import sentencepiece as spm
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from lite.text import TextError, decode_line, read_lines, read_stream
 from tests.conftest import fuzz, logged
+from tests.figures import tally
 
 # what str.splitlines() would break a line on, besides \n
 SEPARATORS = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
@@ -46,6 +47,7 @@ LINE_BYTES = st.one_of(st.binary(max_size=64), st.text(max_size=32).map(str.enco
 @fuzz()
 @given(body=LINE_BYTES.map(lambda b: b.replace(b"\n", b"")), end=st.sampled_from([b"", b"\n", b"\r\n"]))
 def test_decode_line_gives_one_line_or_names_it(body, end):
+    tally("fuzz cases: lite.text decode_line (one line of bytes)")
     try:
         text = decode_line(body + end, "f.txt", 7)
     except TextError as e:
@@ -66,6 +68,7 @@ def _utf8(raw: bytes) -> str | None:
 @fuzz()
 @given(LINE_BYTES)
 def test_read_stream_keeps_every_line_in_place(blob):
+    tally("fuzz cases: lite.text read_stream (a file of bytes)")
     raws = blob.split(b"\n")
     raws = raws[:-1] if raws[-1] == b"" else raws  # a last line without its \n still counts
     expected = [_utf8(raw.removesuffix(b"\r")) for raw in raws]

@@ -17,6 +17,7 @@ from export.search import SearchOptions
 from lite.cli import main
 from lite.translate import open_translator, translate_lines
 from tests.conftest import LITE, fuzz, logged
+from tests.figures import tally
 
 HOSTILE = {
     "empty": "", "blank": " \t\u3000\u00a0 ", "ascii": "Ein Hund läuft über die Wiese.",
@@ -47,6 +48,7 @@ def _pieces(translator, line):
 @fuzz(1000)
 @given(lines=st.lists(LINE, max_size=6))
 def test_hostile_batches_give_one_line_each(translator, lines):
+    tally("fuzz cases: runtime translator (hostile batches of lines)")
     start = time.process_time()
     with logged("lite.translate") as records:
         outputs = translate_lines(translator, lines, "in.de")
@@ -79,6 +81,7 @@ RAW_LINE = st.one_of(LINE.map(lambda s: s.replace("\n", " ").encode()), st.binar
 @fuzz(30)  # each case opens the translator (~0.2 s): 30 cases cover the CLI's own code, the rest is fuzzed above
 @given(raws=st.lists(RAW_LINE, max_size=5))
 def test_translate_cli_keeps_lines_aligned(translator, model_dir, raws):
+    tally("fuzz cases: lite translate (stdin bytes)")
     stdin = io.TextIOWrapper(io.BytesIO(b"".join(r + b"\n" for r in raws)))
     stdout = io.StringIO()
     with mock.patch.object(sys, "stdin", stdin), redirect_stdout(stdout), logged("lite") as records:

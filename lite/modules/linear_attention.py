@@ -1,0 +1,152 @@
+"""Linear Transformer attention (Katharopoulos et al., 2020, "Transformers are RNNs: Fast Autoregressive Transformers
+with Linear Attention"), pure torch, encoder and causal decoder form.
+
+Notation: T time, B batch, C channels, H heads of D = C / H channels; phi(x) = elu(x) + 1 (positive).
+
+    q, k, v = X W_q, X W_k, X W_v                              [B, T, C] -> heads [B, H, T, D]
+    encoder:  out_i = phi(q_i) S / (phi(q_i) . z + eps)         S = sum_j phi(k_j) v_j^T  [D, D],  z = sum_j phi(k_j)  [D]
+    decoder:  the same with S_i, z_i summed over j <= i only    (prefix sums: a cumsum over time)
+    out = W_o (heads concatenated)
+
+Softmax attention's exp(q . k) is replaced by the kernel phi(q) . phi(k), so the sum over keys factors through S
+and z: O(T D^2) per head instead of O(T^2 D), and a decoding step only adds phi(k_t) v_t^T to S and phi(k_t) to z —
+an RNN whose state, S [B, H, D, D] and z [B, H, D], does not grow with the sentence. eps = 1e-6 as in the authors'
+fast-transformers library.
+
+Padding: phi(k) and v are zeroed at pads, so pads add nothing to any sum; outputs at pads are zero.
+
+Incremental state (one frame per call), batch first so beams reorder on dim 0: ``kv`` [B, H, D, D], ``k_sum``
+[B, H, D].
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.incremental_decoding_utils import with_incremental_state
+from torch import Tensor, nn
+
+from lite.modules.incremental import IncrementalState, StateSlot, reorder_batch_first
+
+if TYPE_CHECKING:  # lite.modules imports this module to register it
+    from lite.modules import MixerSpec
+
+STATE_NAMES = ("kv", "k_sum")
+EPS = 1e-6
+
+
+def feature_map(x: Tensor) -> Tensor:
+    """phi(x) = elu(x) + 1: positive, so every kernel value phi(q) . phi(k) is a weight."""
+    return F.elu(x) + 1
+
+
+@with_incremental_state
+class LinearAttention(nn.Module):
+    """Multi-head linear attention; causal (prefix sums) in the decoder.
+
+    Shape:
+        Input: T x B x C, padding mask B x T (True = pad)
+        Output: T x B x C (zero at padded frames)
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"linear attention: embed dim {embed_dim} is not divisible by {num_heads} heads")
+        self.embed_dim, self.num_heads, self.head_dim, self.causal = embed_dim, num_heads, embed_dim // num_heads, causal
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        for linear in (self.qkv, self.out_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def _project(self, x: Tensor, pad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x [..., C], pad [...] (True at pads) -> phi(q), phi(k), v [..., H, D]; phi(k), v zero at pads (masked, not
+        multiplied: a product then summed would count as MACs)."""
+        q, k, v = (t.view(*t.shape[:-1], self.num_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
+        pad = pad[..., None, None]
+        return feature_map(q), feature_map(k).masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
+                incremental_state: IncrementalState = None) -> Tensor:
+        if incremental_state is not None:
+            if not self.causal:
+                raise ValueError("linear attention: incremental_state is only for the causal (decoder) unit")
+            steps = [self._step(x[t], None if padding_mask is None else padding_mask[:, t], incremental_state)
+                     for t in range(x.size(0))]
+            return torch.stack(steps)  # [T, B, C]
+        x = x.transpose(0, 1)  # [B, T, C]
+        pad = padding_mask if padding_mask is not None else x.new_zeros(x.shape[:2], dtype=torch.bool)  # [B, T]
+        q, k, v = self._project(x, pad)  # [B, T, H, D]
+        if self.causal:  # S_i, z_i: prefix sums over time
+            kv = torch.einsum("bthd,bthe->bthde", k, v).cumsum(1)  # [B, T, H, D, D]
+            out = torch.einsum("bthd,bthde->bthe", q, kv)  # [B, T, H, D]
+            norm = torch.einsum("bthd,bthd->bth", q, k.cumsum(1))  # [B, T, H]
+        else:
+            kv = torch.einsum("bthd,bthe->bhde", k, v)  # [B, H, D, D]
+            out = torch.einsum("bthd,bhde->bthe", q, kv)
+            norm = torch.einsum("bthd,bhd->bth", q, k.sum(1))
+        out = out / (norm.unsqueeze(-1) + EPS)
+        out = self.out_proj(out.flatten(2)).masked_fill(pad.unsqueeze(-1), 0.0)  # [B, T, C]
+        return out.transpose(0, 1)  # [T, B, C]
+
+    # ---------------------------------------------------------------- one decoding step
+
+    def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
+        """The fresh state ``_state`` builds for itself, for ``batch`` rows."""
+        return {(name, None): t for name, t in self._state({}, like.new_zeros(batch, self.embed_dim)).items()}
+
+    def _state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], x: Tensor) -> Dict[str, Tensor]:
+        state = {name: self.get_incremental_state(incremental_state, name) for name in STATE_NAMES}
+        if state["kv"] is None:
+            batch = x.size(0)
+            state = {"kv": x.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim),
+                     "k_sum": x.new_zeros(batch, self.num_heads, self.head_dim)}
+        return state
+
+    def _step(self, x: Tensor, padding_mask: Optional[Tensor],
+              incremental_state: Dict[str, Dict[str, Optional[Tensor]]]) -> Tensor:
+        """One frame: x [B, C], padding mask [B] -> [B, C]; adds the frame to the running sums."""
+        state = self._state(incremental_state, x)
+        pad = padding_mask if padding_mask is not None else x.new_zeros(x.size(0), dtype=torch.bool)  # [B]
+        q, k, v = self._project(x, pad)  # [B, H, D]
+        kv = state["kv"] + torch.einsum("bhd,bhe->bhde", k, v)  # [B, H, D, D]; an einsum, as counted in the full pass
+        k_sum = state["k_sum"] + k  # [B, H, D]
+        self.set_incremental_state(incremental_state, "kv", kv)
+        self.set_incremental_state(incremental_state, "k_sum", k_sum)
+        out = torch.einsum("bhd,bhde->bhe", q, kv) / (torch.einsum("bhd,bhd->bh", q, k_sum).unsqueeze(-1) + EPS)
+        return self.out_proj(out.flatten(1)).masked_fill(pad.unsqueeze(-1), 0.0)
+
+    def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor):
+        reorder_batch_first(self, incremental_state, STATE_NAMES, new_order)
+
+    # ---------------------------------------------------------------- readable definition
+
+    def reference_forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Readable definition in attention form — weights phi(q_i) . phi(k_j) over the visible real frames,
+        normalized — one frame at a time; for tests."""
+        length, batch = x.size(0), x.size(1)
+        real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
+        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim)
+                   for t in self.qkv(x.transpose(0, 1)).chunk(3, dim=-1))  # [B, T, H, D]
+        q, k = feature_map(q), feature_map(k)
+        out = x.new_zeros(batch, length, self.embed_dim)
+        for b in range(batch):
+            frames = [j for j in range(length) if real[b, j]]
+            for i in frames:
+                seen = [j for j in frames if j <= i] if self.causal else frames
+                weights = torch.stack([(q[b, i] * k[b, j]).sum(-1) for j in seen])  # [n, H]
+                heads = (weights.unsqueeze(-1) * v[b, seen]).sum(0) / (weights.sum(0).unsqueeze(-1) + EPS)  # [H, D]
+                out[b, i] = self.out_proj(heads.flatten())
+        return out.transpose(0, 1)  # [T, B, C]
+
+
+def linear_attention_from_spec(spec: MixerSpec) -> LinearAttention:
+    """Builder for the mixer registry; heads = the side's attention heads, of embed dim // heads channels."""
+    head_dim = spec.attention_head_dim
+    if head_dim is not None and head_dim * spec.attention_heads != spec.embed_dim:
+        raise ValueError(f"linear attention: heads of {head_dim} channels (--*-attention-head-dim) are not supported; "
+                         f"its {spec.attention_heads} heads split the {spec.embed_dim} channels: leave the head dim "
+                         f"unset")
+    return LinearAttention(spec.embed_dim, spec.attention_heads, causal=spec.causal)
