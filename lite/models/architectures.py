@@ -43,6 +43,7 @@ def base_architecture(args):
     _default(args, "gau_hidden_dim", None)
     _default(args, "gau_key_dim", 128)
     _default(args, "chunk_size", 0)
+    _default(args, "performer_features", 0)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -116,6 +117,12 @@ def _fastformer(args, dim: int) -> None:
 def _linear(args, dim: int) -> None:
     """Linear Transformer attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
     _default(args, "encoder_mixer", "linear")
+    _transformer(args, dim)
+
+
+def _performer(args, dim: int) -> None:
+    """Performer (FAVOR+) attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", "performer")
     _transformer(args, dim)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import MODEL, _fastformer, _flash, _linear, _lsra_wmt, _transformer
+from lite.models.architectures import MODEL, _fastformer, _flash, _linear, _lsra_wmt, _performer, _transformer
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -41,6 +41,8 @@ FAMILIES: dict[str, Family] = {
                                          "6+6"),
     "linear": Family(_linear, 8, "Linear Transformer: elu + 1 kernel attention in place of self-attention, FFN = 4 x "
                                  "embed, 6+6"),
+    "performer": Family(_performer, 8, "Performer: FAVOR+ attention (D ln D random features a head) in place of "
+                                       "self-attention, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -51,6 +53,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "flash": {100 * M: "flash_100m", 500 * M: "flash_500m"},
     "fastformer": {100 * M: "fastformer_100m", 500 * M: "fastformer_500m"},
     "linear": {100 * M: "linear_100m"},
+    "performer": {100 * M: "performer_100m"},
 }
 
 
@@ -107,3 +110,8 @@ def fastformer_500m(args):  # d=312 (8 heads): 499.3M MACs
 @register_model_architecture(MODEL, "linear_100m")
 def linear_100m(args):  # d=136 (4 heads): 98.1M MACs
     _linear(args, 136)
+
+
+@register_model_architecture(MODEL, "performer_100m")
+def performer_100m(args):  # d=120 (4 heads of 30, 102 features each): 91.7M MACs
+    _performer(args, 120)

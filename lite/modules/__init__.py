@@ -19,6 +19,7 @@ from lite.modules.ffn import FeedForward
 from lite.modules.gau import GAU, gau_from_spec
 from lite.modules.linear_attention import LinearAttention, linear_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
+from lite.modules.performer import performer_from_spec
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class MixerSpec:
     attention_head_dim: int | None = None  # channels per attention head; None: the attention's width // heads
     gau_hidden_dim: int | None = None  # GAU: U, V width; None: gau_expansion x embed dim
     conv_head_dim: int | None = None  # channels per conv head (inner width conv_heads x it); None: width // heads
+    performer_features: int = 0  # Performer: random features per head; 0 = round(D ln D)
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
@@ -81,6 +83,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "gau": gau_from_spec,  # FLASH-Quad (chunk_size 0) and FLASH (mixed chunks)
     "fastformer": fastformer_from_spec,
     "linear": linear_attention_from_spec,  # Linear Transformer (elu + 1 kernel; causal by prefix sums)
+    "performer": performer_from_spec,  # FAVOR+ random features of the softmax kernel, the same linear attention
 }
 
 

@@ -1,22 +1,23 @@
 """Linear Transformer attention (Katharopoulos et al., 2020, "Transformers are RNNs: Fast Autoregressive Transformers
 with Linear Attention"), pure torch, encoder and causal decoder form.
 
-Notation: T time, B batch, C channels, H heads of D = C / H channels; phi(x) = elu(x) + 1 (positive).
+Notation: T time, B batch, C channels, H heads of D = C / H channels; phi a positive feature map of M features:
+elu(x) + 1 here (M = D), FAVOR+'s random features in ``performer.py`` (the same attention with another phi).
 
     q, k, v = X W_q, X W_k, X W_v                              [B, T, C] -> heads [B, H, T, D]
-    encoder:  out_i = phi(q_i) S / (phi(q_i) . z + eps)         S = sum_j phi(k_j) v_j^T  [D, D],  z = sum_j phi(k_j)  [D]
+    encoder:  out_i = phi(q_i) S / (phi(q_i) . z + eps)         S = sum_j phi(k_j) v_j^T  [M, D],  z = sum_j phi(k_j)  [M]
     decoder:  the same with S_i, z_i summed over j <= i only    (prefix sums: a cumsum over time)
     out = W_o (heads concatenated)
 
 Softmax attention's exp(q . k) is replaced by the kernel phi(q) . phi(k), so the sum over keys factors through S
-and z: O(T D^2) per head instead of O(T^2 D), and a decoding step only adds phi(k_t) v_t^T to S and phi(k_t) to z —
-an RNN whose state, S [B, H, D, D] and z [B, H, D], does not grow with the sentence. eps = 1e-6 as in the authors'
+and z: O(T M D) per head instead of O(T^2 D), and a decoding step only adds phi(k_t) v_t^T to S and phi(k_t) to z —
+an RNN whose state, S [B, H, M, D] and z [B, H, M], does not grow with the sentence. eps = 1e-6 as in the authors'
 fast-transformers library.
 
 Padding: phi(k) and v are zeroed at pads, so pads add nothing to any sum; outputs at pads are zero.
 
-Incremental state (one frame per call), batch first so beams reorder on dim 0: ``kv`` [B, H, D, D], ``k_sum``
-[B, H, D].
+Incremental state (one frame per call), batch first so beams reorder on dim 0: ``kv`` [B, H, M, D], ``k_sum``
+[B, H, M].
 """
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ def feature_map(x: Tensor) -> Tensor:
     return F.elu(x) + 1
 
 
+class EluFeatures(nn.Module):
+    """The Linear Transformer's feature map, M = D features."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.dim = head_dim
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:
+        return feature_map(x)
+
+
 @with_incremental_state
 class LinearAttention(nn.Module):
     """Multi-head linear attention; causal (prefix sums) in the decoder.
@@ -50,11 +62,13 @@ class LinearAttention(nn.Module):
         Output: T x B x C (zero at padded frames)
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool):
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool, features: Optional[nn.Module] = None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"linear attention: embed dim {embed_dim} is not divisible by {num_heads} heads")
         self.embed_dim, self.num_heads, self.head_dim, self.causal = embed_dim, num_heads, embed_dim // num_heads, causal
+        # phi: [..., D] -> [..., M] (``is_query`` lets a map stabilize queries alone); elu + 1 unless given
+        self.features = features if features is not None else EluFeatures(self.head_dim)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         for linear in (self.qkv, self.out_proj):
@@ -62,11 +76,11 @@ class LinearAttention(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def _project(self, x: Tensor, pad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x [..., C], pad [...] (True at pads) -> phi(q), phi(k), v [..., H, D]; phi(k), v zero at pads (masked, not
-        multiplied: a product then summed would count as MACs)."""
+        """x [..., C], pad [...] (True at pads) -> phi(q), phi(k) [..., H, M], v [..., H, D]; phi(k), v zero at pads
+        (masked, not multiplied: a product then summed would count as MACs)."""
         q, k, v = (t.view(*t.shape[:-1], self.num_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
         pad = pad[..., None, None]
-        return feature_map(q), feature_map(k).masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+        return self.features(q, True), self.features(k, False).masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 incremental_state: IncrementalState = None) -> Tensor:
@@ -78,13 +92,13 @@ class LinearAttention(nn.Module):
             return torch.stack(steps)  # [T, B, C]
         x = x.transpose(0, 1)  # [B, T, C]
         pad = padding_mask if padding_mask is not None else x.new_zeros(x.shape[:2], dtype=torch.bool)  # [B, T]
-        q, k, v = self._project(x, pad)  # [B, T, H, D]
+        q, k, v = self._project(x, pad)  # [B, T, H, M] x 2, [B, T, H, D]
         if self.causal:  # S_i, z_i: prefix sums over time
-            kv = torch.einsum("bthd,bthe->bthde", k, v).cumsum(1)  # [B, T, H, D, D]
+            kv = torch.einsum("bthd,bthe->bthde", k, v).cumsum(1)  # [B, T, H, M, D]
             out = torch.einsum("bthd,bthde->bthe", q, kv)  # [B, T, H, D]
             norm = torch.einsum("bthd,bthd->bth", q, k.cumsum(1))  # [B, T, H]
         else:
-            kv = torch.einsum("bthd,bthe->bhde", k, v)  # [B, H, D, D]
+            kv = torch.einsum("bthd,bthe->bhde", k, v)  # [B, H, M, D]
             out = torch.einsum("bthd,bhde->bthe", q, kv)
             norm = torch.einsum("bthd,bhd->bth", q, k.sum(1))
         out = out / (norm.unsqueeze(-1) + EPS)
@@ -101,8 +115,8 @@ class LinearAttention(nn.Module):
         state = {name: self.get_incremental_state(incremental_state, name) for name in STATE_NAMES}
         if state["kv"] is None:
             batch = x.size(0)
-            state = {"kv": x.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim),
-                     "k_sum": x.new_zeros(batch, self.num_heads, self.head_dim)}
+            state = {"kv": x.new_zeros(batch, self.num_heads, self.features.dim, self.head_dim),
+                     "k_sum": x.new_zeros(batch, self.num_heads, self.features.dim)}
         return state
 
     def _step(self, x: Tensor, padding_mask: Optional[Tensor],
@@ -110,9 +124,9 @@ class LinearAttention(nn.Module):
         """One frame: x [B, C], padding mask [B] -> [B, C]; adds the frame to the running sums."""
         state = self._state(incremental_state, x)
         pad = padding_mask if padding_mask is not None else x.new_zeros(x.size(0), dtype=torch.bool)  # [B]
-        q, k, v = self._project(x, pad)  # [B, H, D]
-        kv = state["kv"] + torch.einsum("bhd,bhe->bhde", k, v)  # [B, H, D, D]; an einsum, as counted in the full pass
-        k_sum = state["k_sum"] + k  # [B, H, D]
+        q, k, v = self._project(x, pad)  # [B, H, M] x 2, [B, H, D]
+        kv = state["kv"] + torch.einsum("bhd,bhe->bhde", k, v)  # [B, H, M, D]; an einsum, as counted in the full pass
+        k_sum = state["k_sum"] + k  # [B, H, M]
         self.set_incremental_state(incremental_state, "kv", kv)
         self.set_incremental_state(incremental_state, "k_sum", k_sum)
         out = torch.einsum("bhd,bhde->bhe", q, kv) / (torch.einsum("bhd,bhd->bh", q, k_sum).unsqueeze(-1) + EPS)
@@ -130,7 +144,7 @@ class LinearAttention(nn.Module):
         real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim)
                    for t in self.qkv(x.transpose(0, 1)).chunk(3, dim=-1))  # [B, T, H, D]
-        q, k = feature_map(q), feature_map(k)
+        q, k = self.features(q, True), self.features(k, False)  # [B, T, H, M]
         out = x.new_zeros(batch, length, self.embed_dim)
         for b in range(batch):
             frames = [j for j in range(length) if real[b, j]]

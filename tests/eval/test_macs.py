@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import warnings
 
@@ -32,7 +33,7 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
               "transformer_d128": 86.7 * M, "transformer_d256": 338.6 * M, "transformer_d320": 526.5 * M}
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
-              "linear_100m"]
+              "linear_100m", "performer_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -47,7 +48,7 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int) -> int:
     """One mixer: attention on all channels, LSRA (attention on half, conv branch on half) or conv; GAU and
     Fastformer on a whole sequence only (queries == keys)."""
     dim, mixer = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_mixer")
-    if mixer == "linear":
+    if mixer in ("linear", "performer"):
         return _linear(args, side, queries)
     if mixer in ("gau", "fastformer"):
         assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
@@ -93,12 +94,18 @@ def _fastformer(args, side: str, length: int) -> int:
 
 
 def _linear(args, side: str, frames: int) -> int:
-    """Linear attention on ``frames`` frames (C channels, H heads of D): q, k, v and out, 4 C^2 a frame; per head a
-    frame adds phi(k) v^T to S (D^2) and reads phi(q) S (D^2) and phi(q) . z (D): 2 C D + C a frame, whether the
-    frames are a whole sentence (encoder: one S; decoder: prefix sums) or one decoding step."""
+    """Linear attention on ``frames`` frames (C channels, H heads of D, M features a head): q, k, v and out, 4 C^2 a
+    frame; per head a frame adds phi(k) v^T to S (M D) and reads phi(q) S (M D) and phi(q) . z (M): 2 C M + H M a
+    frame, whether the frames are a whole sentence (encoder: one S; decoder: prefix sums) or one decoding step.
+    elu + 1 has M = D; FAVOR+ makes M features of q and of k (x W^T: D M a head each) and their |x|^2 (D a head
+    each): 2 C M + 2 C more."""
     c = getattr(args, f"{side}_embed_dim")
-    d = c // (args.mixer_attention_heads or getattr(args, f"{side}_attention_heads"))
-    return frames * (4 * c * c + 2 * c * d + c)
+    heads = args.mixer_attention_heads or getattr(args, f"{side}_attention_heads")
+    d = c // heads
+    if getattr(args, f"{side}_mixer") == "linear":
+        return frames * (4 * c * c + 2 * c * d + c)
+    m = args.performer_features or round(d * math.log(d))
+    return frames * (4 * c * c + 2 * c * m + heads * m + 2 * c * m + 2 * c)
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
@@ -209,9 +216,13 @@ def test_flop_counter_agrees_but_for_dynamic_conv_taps_and_outer_products(arch):
     dynamic = args.encoder_mixer == "lsra" and args.conv_type == "dynamic"
     taps = (conv * src_len * sum(_kernels(args, "encoder")), conv * tgt_len * sum(_kernels(args, "decoder"))) \
         if dynamic else (0, 0)
-    if args.decoder_mixer == "linear":  # the prefix sums' outer products phi(k) v^T (one MAC each, accumulated by the
-        # cumsum): torch lowers an einsum without a contracted index to a broadcast mul, which FlopCounterMode misses
-        taps = (0, args.decoder_layers * tgt_len * 16 * (16 // args.mixer_attention_heads))
+    if args.decoder_mixer in ("linear", "performer"):  # the prefix sums' outer products phi(k) v^T (one MAC each,
+        # accumulated by the cumsum): torch lowers an einsum without a contracted index to a broadcast mul, which
+        # FlopCounterMode misses; so are FAVOR+'s |x|^2 of q and k (a mul + sum: 2 C a frame)
+        d = 16 // args.mixer_attention_heads
+        m = d if args.decoder_mixer == "linear" else round(d * math.log(d))
+        norms = 2 * 16 if args.decoder_mixer == "performer" else 0
+        taps = (args.encoder_layers * src_len * norms, args.decoder_layers * tgt_len * (16 * m + norms))
     for stack, inputs, missed in [(macs.EncoderLayers(model.encoder), (source, mask), taps[0]),
                                   (macs.DecoderLayers(model.decoder), (target, source, mask), taps[1])]:
         assert macs.count_macs(stack, inputs) - _flop_counter_macs(stack, inputs) == missed

@@ -1,6 +1,6 @@
-"""FLASH-Quad, FLASH, Fastformer and the Linear Transformer learn the embedded corpus: a tiny model of each clears a
-BLEU floor that an untrained model cannot reach (tests/test_pipeline.py shows the untrained one scores below 5); the
-Linear Transformer, the newest, also decodes on the ONNX Runtime translator exactly as in torch."""
+"""FLASH-Quad, FLASH, Fastformer, the Linear Transformer and Performer learn the embedded corpus: a tiny model of each
+clears a BLEU floor that an untrained model cannot reach (tests/test_pipeline.py shows the untrained one scores below
+5); the survey's mechanisms also decode on the ONNX Runtime translator exactly as in torch."""
 from pathlib import Path
 
 import pytest
@@ -9,10 +9,11 @@ from eval.evaluate import evaluate
 from lite.train import load_config, train
 from tests.conftest import ROOT
 
-FAMILY_FLOOR = 30.0  # measured: FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78 (600 updates)
+FAMILY_FLOOR = 30.0  # measured: FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78, Performer 80 (600 updates)
+SURVEY = ["linear", "performer"]  # the Efficient Transformers survey's mechanisms
 
 
-@pytest.mark.parametrize("family", ["flash_quad", "flash", "fastformer", "linear"])
+@pytest.mark.parametrize("family", ["flash_quad", "flash", "fastformer", *SURVEY])
 def test_tiny_model_clears_the_bleu_floor(family, workdir):
     config = load_config(ROOT / "configs" / "models" / family / "tiny.yaml",
                          [f"data={workdir / 'data'}", f"save_dir={workdir / family}"])
@@ -22,12 +23,13 @@ def test_tiny_model_clears_the_bleu_floor(family, workdir):
     assert result["bleu"] > FAMILY_FLOOR, result
 
 
-def test_linear_transformer_decodes_on_onnx_runtime_as_in_torch(workdir, tmp_path):
+@pytest.mark.parametrize("family", SURVEY)
+def test_survey_mechanism_decodes_on_onnx_runtime_as_in_torch(family, workdir, tmp_path):
     from export.exporter import export
 
-    checkpoint = workdir / "linear" / "checkpoint_best.pt"  # trained above
+    checkpoint = workdir / family / "checkpoint_best.pt"  # trained above
     if not checkpoint.is_file():
-        pytest.skip("needs test_tiny_model_clears_the_bleu_floor[linear] first")
+        pytest.skip(f"needs test_tiny_model_clears_the_bleu_floor[{family}] first")
     torch_result = evaluate(checkpoint, "test", out_dir=tmp_path / "torch")
     onnx_result = evaluate(export(checkpoint, tmp_path / "onnx"), "test", backend="onnx", out_dir=tmp_path / "onnx_eval")
     assert Path(onnx_result["hypotheses"]).read_text() == Path(torch_result["hypotheses"]).read_text()

@@ -1,17 +1,27 @@
-"""Linear Transformer attention: fast path (S, z sums / prefix sums) vs the attention-form reference, stepping (an
-RNN of constant state) vs the full causal pass, beams, padding, the textbook formula."""
+"""Linear attention, with the Linear Transformer's elu + 1 features and with Performer's FAVOR+ random features: fast
+path (S, z sums / prefix sums) vs the attention-form reference, stepping (an RNN of constant state) vs the full causal
+pass, beams, padding; the textbook formula; FAVOR+ estimates the softmax kernel and approximates softmax attention."""
 import pytest
 import torch
 
 from lite.modules import MixerSpec
 from lite.modules.linear_attention import STATE_NAMES, LinearAttention, feature_map, linear_attention_from_spec
+from lite.modules.performer import FavorFeatures, default_features, orthogonal_gaussian, performer_from_spec
 from tests.conftest import assert_close
 
 
-def make_unit(causal: bool, embed_dim: int = 16, heads: int = 2) -> LinearAttention:
+@pytest.fixture(params=["linear", "performer"])
+def kind(request) -> str:
+    return request.param
+
+
+def make_unit(causal: bool, kind: str = "linear", embed_dim: int = 16, heads: int = 2,
+              features: int = 0) -> LinearAttention:
     """A small unit in eval mode whose kernel values phi(q) . phi(k) spread widely, so the weights are far from
     uniform."""
-    unit = LinearAttention(embed_dim, heads, causal=causal).eval()
+    head_dim = embed_dim // heads
+    favor = FavorFeatures(head_dim, features or default_features(head_dim)) if kind == "performer" else None
+    unit = LinearAttention(embed_dim, heads, causal=causal, features=favor).eval()
     with torch.no_grad():
         for linear in (unit.qkv, unit.out_proj):
             linear.weight.normal_(0.0, 0.5)
@@ -26,8 +36,8 @@ def left_padding(batch: int, length: int, pads: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_fast_path_matches_reference(causal):
-    unit = make_unit(causal)
+def test_fast_path_matches_reference(causal, kind):
+    unit = make_unit(causal, kind)
     x = torch.randn(33, 2, 16)  # [T, B, C]
     assert_close(unit(x), unit.reference_forward(x))
     mask = left_padding(2, 33, pads=6)
@@ -55,9 +65,9 @@ def test_feature_map_is_elu_plus_one():
     assert_close(feature_map(x), torch.where(x > 0, x + 1, torch.exp(x)))
 
 
-def test_mixing_matters():
+def test_mixing_matters(kind):
     """Guard against vacuous parity: every frame's output depends on the other frames (non-causal)."""
-    unit = make_unit(causal=False)
+    unit = make_unit(False, kind)
     x = torch.randn(9, 1, 16)
     x_other = x.clone()
     x_other[-1] += 1.0
@@ -65,24 +75,24 @@ def test_mixing_matters():
 
 
 @pytest.mark.parametrize("length", [1, 7, 33, 100])
-def test_stepping_matches_full_causal_pass(length):
-    unit = make_unit(causal=True)
+def test_stepping_matches_full_causal_pass(length, kind):
+    unit = make_unit(True, kind)
     x = torch.randn(length, 3, 16)
     state = {}
     steps = torch.cat([unit(x[t:t + 1], incremental_state=state) for t in range(length)])
     assert_close(steps, unit(x))
 
 
-def test_stepping_with_left_padding_matches_full_pass():
-    unit = make_unit(causal=True)
+def test_stepping_with_left_padding_matches_full_pass(kind):
+    unit = make_unit(True, kind)
     x, mask = torch.randn(11, 2, 16), left_padding(2, 11, pads=3)
     state = {}
     steps = torch.cat([unit(x[t:t + 1], mask[:, t:t + 1], state) for t in range(11)])
     assert_close(steps, unit(x, mask))
 
 
-def test_reorder_incremental_state_follows_beams():
-    unit = make_unit(causal=True)
+def test_reorder_incremental_state_follows_beams(kind):
+    unit = make_unit(True, kind)
     x = torch.randn(10, 3, 16)
     order = torch.tensor([2, 2, 0])
     state = {}
@@ -94,9 +104,9 @@ def test_reorder_incremental_state_follows_beams():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_padded_frames_do_not_leak(causal):
+def test_padded_frames_do_not_leak(causal, kind):
     """Changing what sits at padded positions (left and right) changes nothing at real positions; pads give zero."""
-    unit = make_unit(causal)
+    unit = make_unit(causal, kind)
     x = torch.randn(13, 2, 16)
     mask = left_padding(2, 13, pads=3)
     mask[0, -2:] = True  # the first sentence is right-padded
@@ -109,17 +119,18 @@ def test_padded_frames_do_not_leak(causal):
     assert_close(y[-2:, 0], torch.zeros(2, 16))
 
 
-def test_state_is_constant_in_the_sentence_length():
-    unit = make_unit(causal=True)
+def test_state_is_constant_in_the_sentence_length(kind):
+    unit = make_unit(True, kind)
     state = {}
     shapes = []
     for _ in range(40):
         unit(torch.randn(1, 2, 16), incremental_state=state)
         shapes.append({name: tuple(unit.get_incremental_state(state, name).shape) for name in STATE_NAMES})
     assert all(s == shapes[0] for s in shapes)
-    assert shapes[0] == {"kv": (2, 2, 8, 8), "k_sum": (2, 2, 8)}
+    m = 8 if kind == "linear" else 17  # features a head: D, or round(D ln D) = round(8 ln 8)
+    assert shapes[0] == {"kv": (2, 2, m, 8), "k_sum": (2, 2, m)}
     assert {slot: tuple(t.shape) for slot, t in unit.initial_state(5, torch.zeros(1)).items()} == \
-        {("kv", None): (5, 2, 8, 8), ("k_sum", None): (5, 2, 8)}
+        {("kv", None): (5, 2, m, 8), ("k_sum", None): (5, 2, m)}
 
 
 def test_the_encoder_form_refuses_incremental_state():
@@ -134,3 +145,61 @@ def test_builder_reads_the_spec():
     assert (unit.embed_dim, unit.num_heads, unit.head_dim, unit.causal) == (16, 4, 4, True)
     with pytest.raises(ValueError, match="divisible"):
         LinearAttention(10, 4, causal=False)
+
+
+# ---------------------------------------------------------------------------------------------- FAVOR+
+
+def test_orthogonal_gaussian_rows():
+    w = orthogonal_gaussian(20, 8)  # two full blocks and a part
+    for block in (w[:8], w[8:16]):
+        directions = block / block.norm(dim=1, keepdim=True)
+        assert_close(directions @ directions.T, torch.eye(8), atol=1e-5, rtol=0)
+    assert 1.5 < w.norm(dim=1).mean() < 4.5  # chi with 8 degrees of freedom: mean ~2.74
+
+
+def test_favor_features_estimate_the_softmax_kernel():
+    """E[phi(q) . phi(k)] = exp(q . k / sqrt(D)): with many features the estimate is within a few percent."""
+    favor = FavorFeatures(8, 65536)
+    q, k = 0.5 * torch.randn(32, 8), 0.5 * torch.randn(32, 8)
+    estimate = (favor(q, False) * favor(k, False)).sum(-1)
+    exact = torch.exp((q * k).sum(-1) / 8 ** 0.5)
+    assert ((estimate - exact).abs() / exact).max() < 0.05
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_approximates_softmax_attention(causal):
+    """With many features FAVOR+ is within 5% of softmax attention (relative to its norm), where elu + 1 features
+    with the same weights are not within 10%."""
+    performer, linear = make_unit(causal, "performer", features=65536), make_unit(causal, "linear")
+    with torch.no_grad():
+        performer.qkv.weight.mul_(0.3)  # moderate logits: the regime where the estimate is accurate
+        linear.load_state_dict({k: v for k, v in performer.state_dict().items() if "features" not in k})
+    x = torch.randn(12, 2, 16)
+    q, k, v = (t.view(2, 12, 2, 8).transpose(1, 2) for t in performer.qkv(x.transpose(0, 1)).chunk(3, dim=-1))
+    future = torch.ones(12, 12, dtype=torch.bool).triu(1) if causal else None
+    softmax = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if future is None else ~future)
+    expected = performer.out_proj(softmax.transpose(1, 2).flatten(2)).transpose(0, 1)
+
+    def error(unit):
+        return ((unit(x) - expected).norm() / expected.norm()).item()
+    assert error(performer) < 0.05 and error(linear) > 0.1  # measured: 0.009 / 0.005 and 0.31 / 0.16
+
+
+def test_query_stabilizer_cancels_and_keys_stay_finite():
+    unit = make_unit(causal=True, kind="performer")
+    with torch.no_grad():
+        unit.qkv.weight.mul_(30.0)  # logits far beyond exp's float32 range without the bounds
+    x = torch.randn(20, 2, 16)
+    state = {}
+    steps = torch.cat([unit(x[t:t + 1], incremental_state=state) for t in range(20)])
+    assert torch.isfinite(steps).all()
+    assert_close(steps, unit(x), atol=1e-4, rtol=1e-4)
+
+
+def test_performer_builder_and_its_features_are_kept():
+    spec = MixerSpec(embed_dim=16, attention_heads=2, causal=True, kernel_size=3, conv_type="lightweight",
+                     conv_heads=2, conv_glu=True, weight_softmax=True, weight_dropout=0.0, attention_dropout=0.1,
+                     performer_features=5)
+    unit = performer_from_spec(spec)
+    assert unit.features.projection.shape == (5, 8) and "features.projection" in unit.state_dict()
+    assert performer_from_spec(MixerSpec(**{**spec.__dict__, "performer_features": 0})).features.dim == 17
