@@ -1,4 +1,4 @@
-"""The ``lite`` command: data, train, translate, eval, export, compress, macs, bench, report, pipeline.
+"""The ``lite`` command: data, train, translate, eval, export, compress, macs, bench, scaling, report, pipeline.
 
 All argument parsing and printing lives in this package, one module per command group; the libraries take typed
 options and raise ``lite.errors.LiteError``. ``main`` prints such an error as one line and exits with its code
@@ -11,10 +11,10 @@ import logging
 import signal
 import sys
 
-from lite.cli import bench, compress, data, export, macs, pipeline, report, train, translate
+from lite.cli import bench, compress, data, export, macs, pipeline, report, scaling, train, translate
 from lite.errors import LiteError
 
-GROUPS = (data, train, translate, export, compress, macs, bench, report, pipeline)
+GROUPS = (data, train, translate, export, compress, macs, bench, scaling, report, pipeline)
 
 
 class Parser(argparse.ArgumentParser):
