@@ -77,20 +77,35 @@ def check_out_dir(out: Path, marker: str, force: bool, what: str) -> None:
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold ``out``'s lock (``.<name>.lock`` beside it) for the block: a second writer of ``out`` is refused with one
-    line instead of interleaving its writes. The kernel drops the lock when its holder dies, even by SIGKILL."""
+    line instead of interleaving its writes. The kernel drops the lock when its holder dies, even by SIGKILL; the
+    holder deletes the file when done (a newcomer that opened the deleted file sees it is gone and opens anew)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "a+") as f:
+    path = out.with_name(f".{out.name}.lock")
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise OutputError(f"{out} is being written by another process (pid {f.read().strip() or '?'}); wait for "
-                              f"it to end or choose another output") from None
+            holder = f.read().strip() or "?"
+            f.close()
+            raise OutputError(f"{out} is being written by another process (pid {holder}); wait for it to end or "
+                              f"choose another output") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the file was deleted by the holder we waited on: lock the new one
+    try:
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
         yield
+    finally:
+        os.unlink(path)  # while still held: see the docstring
+        f.close()
 
 
 def _remove_stale_staging(out: Path) -> None:
