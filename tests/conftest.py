@@ -67,6 +67,13 @@ def logged(name: str) -> Iterator[list[logging.LogRecord]]:
         logger.removeHandler(handler)
 
 
+def left_padding(batch: int, length: int, pads: int) -> torch.Tensor:
+    """Padding mask [B, T] whose second sentence has ``pads`` pads on the left (mixer tests)."""
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[1, :pads] = True
+    return mask
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 

@@ -6,7 +6,7 @@ import torch
 
 from lite.modules import MixerSpec
 from lite.modules.fastformer import STATE_NAMES, Fastformer, fastformer_from_spec
-from tests.conftest import assert_close
+from tests.conftest import assert_close, left_padding
 
 
 def make_fastformer(causal: bool, embed_dim: int = 16, heads: int = 2) -> Fastformer:
@@ -17,12 +17,6 @@ def make_fastformer(causal: bool, embed_dim: int = 16, heads: int = 2) -> Fastfo
             linear.weight.normal_(0.0, 0.5)
             linear.bias.normal_(0.0, 0.1)
     return unit
-
-
-def left_padding(batch: int, length: int, pads: int) -> torch.Tensor:
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[1, :pads] = True  # the second sentence is left-padded
-    return mask
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -6,7 +6,7 @@ import torch
 
 from lite.modules import MixerSpec
 from lite.modules.gau import GAU, STATE_NAMES, gau_from_spec
-from tests.conftest import assert_close
+from tests.conftest import assert_close, left_padding
 
 CHUNKS = [0, 16, 32, 5]  # 0 = FLASH-Quad; 5 does not divide the test length 33
 
@@ -21,12 +21,6 @@ def make_gau(chunk_size: int, causal: bool, embed_dim: int = 16) -> GAU:
         gau.gamma.normal_(0.0, 1.0)
         gau.beta.normal_(0.0, 0.5)
     return gau
-
-
-def left_padding(batch: int, length: int, pads: int) -> torch.Tensor:
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[1, :pads] = True  # the second sentence is left-padded
-    return mask
 
 
 @pytest.mark.parametrize("causal", [False, True])

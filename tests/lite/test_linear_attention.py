@@ -7,7 +7,7 @@ import torch
 from lite.modules import MixerSpec
 from lite.modules.linear_attention import STATE_NAMES, LinearAttention, feature_map, linear_attention_from_spec
 from lite.modules.performer import FavorFeatures, default_features, orthogonal_gaussian, performer_from_spec
-from tests.conftest import assert_close
+from tests.conftest import assert_close, left_padding
 
 
 @pytest.fixture(params=["linear", "performer"])
@@ -27,12 +27,6 @@ def make_unit(causal: bool, kind: str = "linear", embed_dim: int = 16, heads: in
             linear.weight.normal_(0.0, 0.5)
             linear.bias.normal_(0.0, 0.1)
     return unit
-
-
-def left_padding(batch: int, length: int, pads: int) -> torch.Tensor:
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[1, :pads] = True  # the second sentence is left-padded
-    return mask
 
 
 @pytest.mark.parametrize("causal", [False, True])
