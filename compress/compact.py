@@ -242,10 +242,35 @@ def _constants_to_initializers(model) -> None:
             model.graph.node.remove(node)
 
 
+def _short_names(model) -> None:
+    """Name every inner tensor by a short number and drop node names: the exporter's names are paths
+    (``/decoder/layers.0/self_attn/Reshape_3_output_0``), most of a graph file's bytes. Graph inputs and outputs
+    keep theirs (model.json's ``io``); a graph with subgraphs (If, Loop) is left as it is."""
+    from onnx import AttributeProto
+
+    graph = model.graph
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}  # "": an omitted optional input
+    names: Dict[str, str] = {}
+
+    def short(name: str) -> str:
+        return name if name in keep else names.setdefault(name, np.base_repr(len(names), 36))
+
+    for tensor in graph.initializer:
+        tensor.name = short(tensor.name)
+    for node in graph.node:
+        node.input[:] = [short(i) for i in node.input]
+        node.output[:] = [short(o) for o in node.output]
+        node.name = ""
+    del graph.value_info[:]
+
+
 def save_with_shared_weights(models: Dict[str, object], out: Path) -> Dict[str, int]:
     """Write ``out/<graph>.onnx`` with every initializer of ``EXTERNAL_BYTES`` or more in ``out/WEIGHTS``, each
     distinct tensor (type, shape, bytes) once, sinusoidal position tables replaced by their computation; returns
-    {"tensors", "shared", "bytes"} of WEIGHTS and how many position tables are now computed."""
+    {"tensors", "shared", "bytes"} of WEIGHTS and how many position tables are now computed. Inner tensors and nodes
+    get short names (``_short_names``)."""
     import onnx
     from onnx import numpy_helper
     from onnx.external_data_helper import set_external_data
@@ -254,6 +279,7 @@ def save_with_shared_weights(models: Dict[str, object], out: Path) -> Dict[str, 
     for g in GRAPHS:
         computed += _computed_positions(models[g])
         _constants_to_initializers(models[g])
+        _short_names(models[g])
     offsets: Dict[tuple, tuple] = {}
     shared = 0
     with open(out / WEIGHTS, "wb") as f:
@@ -280,6 +306,32 @@ def save_with_shared_weights(models: Dict[str, object], out: Path) -> Dict[str, 
         onnx.save(models[g], str(out / f"{g}.onnx"))
         onnx.checker.check_model(str(out / f"{g}.onnx"))
     return {"tensors": len(offsets), "shared": shared, "bytes": size, "computed_position_tables": computed}
+
+
+def pack_weights(out: Path, min_saving: float = 0.05) -> dict | None:
+    """Store ``out/WEIGHTS`` as ``out/PACKED`` (sparse tensors as bitmask + non-zero bytes, see
+    ``export.packed_weights``) when that saves at least ``min_saving`` of its bytes; returns model.json's ``packed``
+    entry, or None (nothing sparse enough: ``WEIGHTS`` stays)."""
+    import onnx
+
+    from export.packed_weights import PACKED, pack, unpack
+
+    dense = (out / WEIGHTS).read_bytes()
+    tensors = set()
+    for g in GRAPHS:
+        model = onnx.load(str(out / f"{g}.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            where = {e.key: e.value for e in t.external_data}
+            if where.get("location") == WEIGHTS:
+                tensors.add((int(where.get("offset", 0)), int(where["length"])))
+    packed, segments = pack(dense, tensors)
+    if len(packed) > (1 - min_saving) * len(dense):
+        return None
+    digest = hashlib.sha256(dense).hexdigest()
+    unpack(packed, segments, digest)  # lossless, or nothing is written
+    (out / PACKED).write_bytes(packed)
+    (out / WEIGHTS).unlink()
+    return {"file": PACKED, "as": WEIGHTS, "bytes": len(dense), "sha256": digest, "segments": segments}
 
 
 def _sqnr(reference: Iterable[np.ndarray], other: Iterable[np.ndarray]) -> float:

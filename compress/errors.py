@@ -9,6 +9,10 @@ class PruneError(LiteError, ValueError):
     """A model, budget or option that cannot be pruned as asked; the message names the option and the fix."""
 
 
+class SparsityError(LiteError, ValueError):
+    """A sparsity, schedule or checkpoint that cannot be sparsified as asked; the message names it and the fix."""
+
+
 class QuantizeError(LiteError, ValueError):
     """A model dir, option or calibration set that cannot be quantized as asked; the message names it and the fix."""
 

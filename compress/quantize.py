@@ -288,11 +288,13 @@ def _summary(config: QuantizeConfig, source: ModelDir, staging: Path, counts: di
 
     preset = PRESETS[config.preset]
     from compress.compact import WEIGHTS
+    from export.packed_weights import PACKED
 
     size = {g: {"before": source.graph(g).stat().st_size, "after": (staging / f"{g}.onnx").stat().st_size}
             for g in GRAPHS}
-    if (staging / WEIGHTS).is_file():  # the compact layout: both graphs' weights
-        size[WEIGHTS] = {"before": 0, "after": (staging / WEIGHTS).stat().st_size}
+    for weights in (WEIGHTS, PACKED):  # the compact layout: both graphs' weights (packed when sparse)
+        if (staging / weights).is_file():
+            size[weights] = {"before": 0, "after": (staging / weights).stat().st_size}
     size["total"] = {k: sum(v[k] for v in size.values()) for k in ("before", "after")}
     activations = ("uint8 asymmetric, per tensor, at run time" if config.method == "ort-dynamic" else
                    f"{preset.activation_type} {'symmetric' if preset.activation_symmetric else 'asymmetric'}, "
@@ -358,6 +360,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
     """
     import onnx
 
+    from compress.compact import pack_weights
     from export.ort_format import to_ort
 
     config = QuantizeConfig(method, preset)
@@ -402,14 +405,20 @@ def quantize(model_dir: str | Path, out_dir: str | Path, method: str = "ort-dyna
         source.copy_non_graph_files(staging)
         if source.has_ort:
             to_ort(staging)  # the same conversion as `lite export --ort`
-        opset = next(o.version for o in onnx.load(str(staging / "encoder.onnx")).opset_import
-                     if o.domain in ("", "ai.onnx"))
+        packed = pack_weights(staging) if compact_entry is not None else None  # after to_ort: it reads WEIGHTS
+        if packed is not None:
+            compact_entry["packed"] = {"file": packed["file"], "bytes": packed["bytes"],
+                                       "packed_bytes": (staging / packed["file"]).stat().st_size,
+                                       "bitmask_tensors": sum(s[2] == "bitmask" for s in packed["segments"])}
+        graph = onnx.load(str(staging / "encoder.onnx"), load_external_data=False)
+        opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
         summary = _summary(config, source, staging, counts, calibration_entry)
         if compact_entry is not None:
             summary["compact"] = compact_entry
         if tuned is not None:
             summary["tuning"] = {"max_bleu_drop": max_bleu_drop, "heldout_lines": len(sources), **tuned.as_dict()}
-        write_description(staging, {**description, "opset": opset, "quantization": summary})
+        write_description(staging, {**description, "opset": opset, "quantization": summary,
+                                    **({"packed": packed} if packed else {})})
     size = summary["bytes"]["total"]
     logger.info(f"quantized {source.path} to {out} ({config.method}, {config.preset}): {size['before']:,} -> "
                 f"{size['after']:,} bytes")

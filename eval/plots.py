@@ -175,7 +175,23 @@ def latency_vs_length(title: str, data: dict) -> bytes:
     return _png(fig)
 
 
-DRAW = {"bleu_vs_macs": bleu_vs_macs, "bleu_vs_latency": bleu_vs_latency, "size_by_stage": size_by_stage,
+def bleu_vs_bytes(title: str, data: dict) -> bytes:
+    points = data["points"]
+    color = _styles(p["quantization"] for p in points)
+    fig, ax = _figure()
+    for p in points:
+        ax.scatter(p["weight_bytes"] / 1e6, p["bleu"], color=color[p["quantization"]], s=60, zorder=3)
+    ax.margins(0.08)
+    _scale(ax, "x", [p["weight_bytes"] for p in points])
+    ax.set_xlabel("non-embedding weights on disk (MB)")
+    ax.set_ylabel("BLEU")
+    ax.set_title(title)
+    _legend(ax, [Line2D([], [], color=c, marker="o", linestyle="", label=q) for q, c in color.items()], "weights")
+    _label_points(fig, ax, [(p["weight_bytes"] / 1e6, p["bleu"], p["stage"]) for p in points])
+    return _png(fig)
+
+
+DRAW = {"bleu_vs_macs": bleu_vs_macs, "bleu_vs_bytes": bleu_vs_bytes, "bleu_vs_latency": bleu_vs_latency, "size_by_stage": size_by_stage,
         "latency_vs_length": latency_vs_length}
 
 

@@ -29,14 +29,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from lite.errors import LiteError
-from lite.files import write_json, write_text
+from lite.files import write_bytes, write_json, write_text
 
 SUMMARY = Path("report") / "summary.json"
 BENCH = Path("bench.json")
@@ -307,13 +306,6 @@ def backends_table(runs: Sequence[Run]) -> Table:
 
 # ---------------------------------------------------------------------------------------------------- output
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or its old content, never a part (as ``lite.files.write_text``)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _provenance(source: Source) -> str:
     return f"`{source.file}`, written by " + (f"`{source.command}`" if source.command else "a command not recorded")
 
@@ -382,7 +374,7 @@ def report(run_dirs: Sequence[str | Path], out: str | Path | None = None, title:
     pngs = {p.name: draw(p) for p in plots}
     out.mkdir(parents=True, exist_ok=True)
     for plot in plots:
-        _write_bytes(out / f"{plot.name}.png", pngs[plot.name])
+        write_bytes(out / f"{plot.name}.png", pngs[plot.name])
         write_json(out / f"{plot.name}.json", {"title": plot.title, "sources": [vars(s) for s in plot.sources],
                                                "data": plot.data})
     for name in set(PLOTS) - set(pngs):

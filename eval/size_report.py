@@ -10,7 +10,8 @@ Every stage is a model dir (``lite export``, ``lite compress quantize``). Per st
     params, params_no_embed   of that checkpoint, shared tensors once
     bytes.dir                 every file of the model dir (graphs, spm.model, vocab.txt, model.json)
     bytes.weights             tensors stored in the graphs (initializers and Constants; in the compact layout's
-                              weights.bin, each shared tensor once), split into
+                              weights.bin, each shared tensor once; a sparse tensor of weights.packed as stored:
+                              its bitmask and non-zero bytes), split into
                               ``embedding`` (a dimension equal to the vocabulary: token embeddings, the output
                               projection and its scales), ``positions`` (sinusoidal tables, a dimension equal to the
                               position count) and ``other`` = the non-embedding weights
@@ -78,6 +79,7 @@ class Stage:
     bytes_dir: int
     weights: WeightBytes
     bleu: float | None
+    sparsity: float = 0.0  # zeros among the weights of linear and conv layers (``compress.sparsity``)
     storage: Dict[str, dict] = field(default_factory=dict)  # option -> {"bytes": ..., "bleu": ...}
 
 
@@ -110,15 +112,18 @@ def weight_bytes(model_dir: ModelDir) -> WeightBytes:
 
     found = WeightBytes()
     stored = set()  # (file, offset) of external tensors: in the compact layout both graphs share some
+    packed = model_dir.description.get("packed") or {}
+    packed_bytes = {(packed["as"], str(s[0])): s[3] for s in packed.get("segments", []) if s[2] == "bitmask"}
     for graph in GRAPHS:
         model = onnx.load(str(model_dir.graph(graph)), load_external_data=False)
         for _, t in _tensors(model):
             where = {e.key: e.value for e in t.external_data}
             if where:
-                if (where["location"], where.get("offset", "0")) in stored:
+                key = (where["location"], where.get("offset", "0"))
+                if key in stored:
                     continue
-                stored.add((where["location"], where.get("offset", "0")))
-                size = int(where["length"])
+                stored.add(key)
+                size = packed_bytes.get(key, int(where["length"]))
             else:
                 size = numpy_helper.to_array(t).nbytes
             kind = _kind(tuple(t.dims), model_dir.description)
@@ -140,7 +145,8 @@ def _storage_variant(model_dir: ModelDir, embed: str | None, out: Path) -> int:
     description = model_dir.description
     stored: Dict[str, int] = {}
     for graph in GRAPHS:
-        model = onnx.load(str(model_dir.graph(graph)))
+        with model_dir.readable_graphs() as graphs:
+            model = onnx.load(str(graphs[graph]))
         for _, t in _tensors(model):
             array = numpy_helper.to_array(t)
             kind = _kind(tuple(t.dims), description)
@@ -224,18 +230,21 @@ def measure_stage(name: str, model_dir: str | Path, split: str | None, storage: 
         raise ReportError(f"{name}: checkpoint {checkpoint} (from {md.path / DESCRIPTION}) is gone; MACs and params "
                           f"are measured on it")
     model, _ = load_model(checkpoint)
+    from compress.sparsity import sparsity_report
+
     cost = measure(model, description.get("arch", "?"))
     stage = Stage(name, str(md.path), str(checkpoint), description.get("quantization", {}).get("method", "fp32"),
                   cost.macs, cost.decode_macs_beam4, cost.params, cost.params_no_embed,
                   sum(p.stat().st_size for p in _files(md)), weight_bytes(md),
-                  _bleu(md.path, sources, references) if split else None)
+                  _bleu(md.path, sources, references) if split else None,
+                  round(sparsity_report(model)["sparsity"], 4))
     if storage:
         for option, embed in STORAGE_OPTIONS:
             with tempfile.TemporaryDirectory() as variant:
                 variant = Path(variant)
                 md.copy_non_graph_files(variant)
                 size = _storage_variant(md, embed, variant)
-                write_description(variant, {k: v for k, v in description.items() if k != "files"})
+                write_description(variant, {k: v for k, v in description.items() if k not in ("files", "packed")})
                 stage.storage[option] = {"weight_bytes": size,
                                          "bleu": _bleu(variant, sources, references) if split else None}
         stage.storage["zip"] = {"bytes": _zip_bytes(md), "bleu": stage.bleu}
@@ -250,14 +259,14 @@ def _mb(n: int) -> str:
 
 def markdown(stages: List[Stage], split: str | None) -> str:
     first = stages[0]
-    lines = [f"| stage | int8 | MACs (30+30) | decode MACs, beam 4 | params | non-emb. params | model dir MB | "
+    lines = [f"| stage | int8 | MACs (30+30) | decode MACs, beam 4 | params | non-emb. params | zeros | model dir MB | "
              f"non-emb. weights MB | BLEU{f' ({split})' if split else ''} |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in stages:
         ratio = f" ({first.bytes_dir / s.bytes_dir:.1f}x)" if s is not first else ""
         weights = f" ({first.weights.other / s.weights.other:.1f}x)" if s is not first else ""
         lines.append(f"| {s.name} | {s.quantization} | {s.macs / 1e6:.1f}M | {s.decode_macs_beam4 / 1e6:.1f}M | "
-                     f"{s.params / 1e6:.2f}M | {s.params_no_embed / 1e6:.2f}M | {_mb(s.bytes_dir)}{ratio} | "
+                     f"{s.params / 1e6:.2f}M | {s.params_no_embed / 1e6:.2f}M | {s.sparsity:.0%} | {_mb(s.bytes_dir)}{ratio} | "
                      f"{_mb(s.weights.other)}{weights} | {s.bleu if s.bleu is not None else '-'} |")
     lines += ["", "Storage only (the graphs' tensors stored this way and expanded at load time; BLEU of the "
                   "round-tripped graphs):", "",
@@ -277,11 +286,24 @@ def markdown(stages: List[Stage], split: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(stages: List[Stage], out: Path, split: str | None) -> None:
-    """report.json and report.md in ``out``, each written atomically."""
+def write_report(stages: List[Stage], out: Path, split: str | None, command: str | None = None) -> None:
+    """report.json and report.md in ``out``, and with BLEU on two stages or more ``bleu_vs_bytes.png`` and the
+    JSON it is drawn from; each written atomically."""
+    from eval.plots import bleu_vs_bytes
+    from lite.files import write_bytes
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"split": split, "stages": [{**asdict(s), "weights": {**asdict(s.weights), "total": s.weights.total}}
-                                       for s in stages]}
+    data = {"split": split, "command": command,
+            "stages": [{**asdict(s), "weights": {**asdict(s.weights), "total": s.weights.total}} for s in stages]}
     write_json(out / "report.json", data)
-    write_text(out / "report.md", markdown(stages, split))
+    text = markdown(stages, split)
+    points = [{"stage": s.name, "bleu": s.bleu, "weight_bytes": s.weights.other, "dir_bytes": s.bytes_dir,
+               "quantization": "fp32" if s.quantization == "fp32" else "int8", "sparsity": s.sparsity}
+              for s in stages if s.bleu is not None]
+    if len(points) >= 2:
+        title = f"BLEU ({split}) vs the size of the non-embedding weights"
+        write_json(out / "bleu_vs_bytes.json", {"title": title, "command": command, "data": {"points": points}})
+        write_bytes(out / "bleu_vs_bytes.png", bleu_vs_bytes(title, {"points": points}))
+        text += "\n![BLEU vs bytes](bleu_vs_bytes.png)\n"
+    write_text(out / "report.md", text)

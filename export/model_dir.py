@@ -4,6 +4,8 @@
     DIR/encoder.onnx, DIR/decoder_step.onnx   the graphs
     DIR/ort/*.ort                             optional: the same graphs in ORT format (ONNX Runtime Mobile)
     DIR/spm.model, DIR/vocab.txt              sentencepiece model; the dictionary, one symbol per line by index
+    DIR/weights.bin or DIR/weights.packed     optional: the compact int8 layout's external data (compress/compact.py),
+                                              packed when its tensors are sparse (export/packed_weights.py)
 
 Opening a dir checks it before anything is used: every name in ``files`` is a plain relative name inside the dir
 (no ``..``, not absolute, no symlink), every listed file exists and matches its sha256, and every file the
@@ -155,6 +157,33 @@ class ModelDir:
     @property
     def has_ort(self) -> bool:
         return any(name.startswith("ort/") for name in self.description["files"])
+
+    def external_weights(self) -> dict[str, np.ndarray]:
+        """{external-data file the graphs name: its bytes} for each one stored packed, expanded (and checked against
+        model.json's sha256); empty when the graphs' external data is on disk as they name it."""
+        from export.packed_weights import unpack
+
+        entry = self.description.get("packed")
+        if not entry:
+            return {}
+        return {entry["as"]: unpack(self.file(entry["file"]).read_bytes(), entry["segments"], entry["sha256"])}
+
+    @contextmanager
+    def readable_graphs(self) -> Iterator[dict[str, Path]]:
+        """{graph: ONNX file} that ``onnx.load`` can read with its external data: the dir's own graphs, or copies in
+        a temp dir beside their expanded weights when those are stored packed."""
+        import tempfile
+
+        external = self.external_weights()
+        if not external:
+            yield {g: self.graph(g) for g in GRAPHS}
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in external.items():
+                data.tofile(Path(tmp) / name)
+            for g in GRAPHS:
+                shutil.copy2(self.graph(g), Path(tmp) / f"{g}.onnx")
+            yield {g: Path(tmp) / f"{g}.onnx" for g in GRAPHS}
 
     def copy_non_graph_files(self, staging: Path) -> None:
         """Copy every listed file but the graphs (ONNX and ORT format) into ``staging``: the start of a model dir

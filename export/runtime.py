@@ -117,8 +117,14 @@ class Translator:
         options_.inter_op_num_threads = 1
         options_.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options_.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        external = self.dir.external_weights() if format == "onnx" else {}  # sparse weights, expanded here
+        if external:
+            names = list(external)
+            options_.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
+                                                                    [external[n].nbytes for n in names])
         sessions = {g: ort.InferenceSession(str(self.dir.graph(g, format)), options_,
                                             providers=["CPUExecutionProvider"]) for g in GRAPHS}
+        del external  # ONNX Runtime copied what it needs
         for g, session in sessions.items():  # a graph swapped for another, its hash recomputed, stops here
             found = {"inputs": {i.name for i in session.get_inputs()},
                      "outputs": {o.name for o in session.get_outputs()}}

@@ -31,6 +31,14 @@ def write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """``path`` holds ``data`` or its old content, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def write_lines(path: str | Path, lines: Iterable[str]) -> None:
     write_text(path, "".join(line + "\n" for line in lines))
 

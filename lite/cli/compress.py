@@ -1,6 +1,7 @@
 """``lite compress prune | quantize | report``: pruning to a MAC budget, int8 of a model dir, the size/BLEU report.
 
     lite compress prune CHECKPOINT --budget 60M --out DIR          compress/prune/
+    lite compress sparsify CHECKPOINT --sparsity 0.8 --config C --out DIR   compress/sparsify.py
     lite compress quantize MODEL_DIR --out DIR [--method ...]      compress/quantize.py, compress/inc.py
     lite compress report NAME=MODEL_DIR ... --out DIR [--split S]  eval/size_report.py
 
@@ -15,8 +16,9 @@ import sys
 
 import compress.prune as prune_lib
 import compress.quantize as quantize_lib
+import compress.sparsify as sparsify_lib
 import eval.size_report as report_lib
-from lite.cli.types import budget, open_fraction, positive_int
+from lite.cli.types import budget, open_fraction, positive_float, positive_int
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -76,6 +78,65 @@ def _add_prune(actions) -> None:
     p.set_defaults(func=_prune)
 
 
+# ---------------------------------------------------------------------------------------------- sparsify
+
+def _sparsity(text: str) -> float:
+    """A fraction of zeros in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a sparsity is a fraction of zeros in [0, 1), e.g. 0.8")
+    return value
+
+
+def _ramp(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the share of the updates that prune, in (0, 1], e.g. 0.75")
+    return value
+
+
+def _sparsify(args) -> int:
+    config = sparsify_lib.SparsifyConfig(args.sparsity, args.updates, args.ramp, args.interval, args.embeddings)
+    report = sparsify_lib.sparsify(args.checkpoint, args.config, args.out, config, args.overrides, args.data,
+                                   args.max_cpu_minutes, args.force)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    layers = report["layers"].values()
+    print(f"{report['checkpoint']}: {report['zeros']:,} of {report['weights']:,} weights zero "
+          f"({report['sparsity']:.1%}; per weight {min(layers):.1%} to {max(layers):.1%}) after {report['updates']} "
+          f"updates")
+    return 0
+
+
+def _add_sparsify(actions) -> None:
+    name, report = sparsify_lib.CHECKPOINT_NAME, sparsify_lib.REPORT_NAME
+    p = actions.add_parser("sparsify", help="fine-grained magnitude pruning, gradual over a fine-tune",
+                           description=sparsify_lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="fairseq checkpoint (.pt), e.g. a trained or a structurally pruned one")
+    p.add_argument("--sparsity", type=_sparsity, required=True, help="final fraction of zeros in each weight, e.g. 0.8")
+    p.add_argument("--config", required=True, help="the training recipe (configs/models/<family>/<preset>.yaml)")
+    p.add_argument("--out", required=True, help=f"dir for train/, {name} and {report}")
+    p.add_argument("--overrides", nargs="+", default=[], metavar="key=value",
+                   help="override config keys, e.g. --overrides lr=5e-4 warmup_updates=50")
+    p.add_argument("--updates", type=positive_int, default=300, help="updates of the fine-tune (default: %(default)s)")
+    p.add_argument("--ramp", type=_ramp, default=0.75,
+                   help="share of the updates over which the sparsity grows (default: %(default)s)")
+    p.add_argument("--interval", type=positive_int, help="updates between mask changes (default: the ramp / 20)")
+    p.add_argument("--embeddings", action="store_true", help="prune the embedding tables too")
+    p.add_argument("--data", help="prepared data dir (default: the checkpoint's)")
+    p.add_argument("--max-cpu-minutes", type=positive_float, help="stop the fine-tune after this much CPU time")
+    p.add_argument("--force", action="store_true", help=f"redo a finished {report}")
+    p.add_argument("--json", action="store_true", help="print sparsify.json's content")
+    p.set_defaults(func=_sparsify)
+
+
 # ---------------------------------------------------------------------------------------------- quantize
 
 def _quantize(args) -> int:
@@ -107,6 +168,10 @@ def _quantize(args) -> int:
                   f"; SQNR vs fp32 (dB) encoder {sqnr['compact']['encoder']} ({sqnr['no_compact']['encoder']} "
                   f"without --compact), decoder step {sqnr['compact']['decoder_step']} "
                   f"({sqnr['no_compact']['decoder_step']})" if sqnr else f"; not validated: {c['validation']['skipped']}"))
+        if "packed" in c:
+            p = c["packed"]
+            print(f"packed: {p['file']} {p['packed_bytes']:,} bytes for the {p['bytes']:,} of {c['weights']} "
+                  f"({p['bitmask_tensors']} sparse tensors as a bitmask and their non-zero bytes)")
     if "tuning" in entry:
         t = entry["tuning"]
         chosen = ", ".join(f"{g} {v['chosen']}" for g, v in t["graphs"].items())
@@ -153,7 +218,7 @@ def _report(args) -> int:
     stages = [report_lib.measure_stage(name, path, args.split, storage=not args.no_storage)
               for name, path in tqdm(args.stages, desc="stages", unit="stage", file=sys.stderr,
                                      disable=None)]  # no bar when stderr is not a terminal
-    report_lib.write_report(stages, Path(args.out), args.split)
+    report_lib.write_report(stages, Path(args.out), args.split, command=" ".join(["lite", *sys.argv[1:]]))
     print(report_lib.markdown(stages, args.split))
     return 0
 
@@ -171,8 +236,9 @@ def _add_report(actions) -> None:
 
 def register(sub) -> None:
     """``lite compress`` and its actions, on ``lite``'s subparsers."""
-    group = sub.add_parser("compress", help="pruning to a budget, quantization, size report")
+    group = sub.add_parser("compress", help="pruning to a budget, sparsity, quantization, size report")
     actions = group.add_subparsers(dest="action", required=True)
     _add_prune(actions)
+    _add_sparsify(actions)
     _add_quantize(actions)
     _add_report(actions)

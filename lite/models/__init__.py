@@ -1,4 +1,4 @@
-"""fairseq models of the project; importing this registers them (and lets torch's weights-only loader read
+"""fairseq models (and tasks) of the project; importing this registers them (and lets torch's weights-only loader read
 fairseq checkpoints)."""
 import logging
 
@@ -10,5 +10,6 @@ allow_fairseq_checkpoints()
 
 from lite.models import seq2seq, architectures, budgets  # noqa: F401,I001,E402  (the model, then its architectures)
 from lite.models.seq2seq import LiteTransformerModel  # noqa: E402
+from lite import tasks  # noqa: F401,E402  (and the task of sparse fine-tunes, which their checkpoints name)
 
 __all__ = ["LiteTransformerModel"]
