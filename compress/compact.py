@@ -242,27 +242,39 @@ def _constants_to_initializers(model) -> None:
             model.graph.node.remove(node)
 
 
+MATMULS = ("MatMul", "Gemm", "MatMulInteger")
+
+
 def _short_names(model) -> None:
-    """Name every inner tensor by a short number and drop node names: the exporter's names are paths
-    (``/decoder/layers.0/self_attn/Reshape_3_output_0``), most of a graph file's bytes. Graph inputs and outputs
-    keep theirs (model.json's ``io``); a graph with subgraphs (If, Loop) is left as it is."""
+    """Name the inner tensors by short numbers and drop node names: the exporter's names are paths
+    (``/decoder/layers.0/self_attn/Reshape_3_output_0``), most of a graph file's bytes. Kept: graph inputs and
+    outputs (model.json's ``io``), initializers, and the names of the matmuls and of their fp32 results (a
+    MatMulInteger's dequantizing Mul), which tie each quantized matmul to the fp32 graph's
+    (``compress.quantize.sqnr_per_matmul``). A graph with subgraphs (If, Loop) is left as it is."""
     from onnx import AttributeProto
 
     graph = model.graph
     if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return
-    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {""}  # "": an omitted optional input
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def dequantizes(node) -> bool:  # Mul(Cast(MatMulInteger(...)), scale)
+        cast = producer.get(node.input[0]) if node.op_type == "Mul" else None
+        return cast is not None and cast.op_type == "Cast" and producer.get(cast.input[0]) is not None \
+            and producer[cast.input[0]].op_type == "MatMulInteger"
+
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    keep |= {"", *(o for n in graph.node if n.op_type in ("MatMul", "Gemm") or dequantizes(n) for o in n.output)}
     names: Dict[str, str] = {}
 
     def short(name: str) -> str:
         return name if name in keep else names.setdefault(name, np.base_repr(len(names), 36))
 
-    for tensor in graph.initializer:
-        tensor.name = short(tensor.name)
     for node in graph.node:
         node.input[:] = [short(i) for i in node.input]
         node.output[:] = [short(o) for o in node.output]
-        node.name = ""
+        if node.op_type not in MATMULS:
+            node.name = ""
     del graph.value_info[:]
 
 

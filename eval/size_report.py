@@ -247,7 +247,7 @@ def measure_stage(name: str, model_dir: str | Path, split: str | None, storage: 
                 write_description(variant, {k: v for k, v in description.items() if k not in ("files", "packed")})
                 stage.storage[option] = {"weight_bytes": size,
                                          "bleu": _bleu(variant, sources, references) if split else None}
-        stage.storage["zip"] = {"bytes": _zip_bytes(md), "bleu": stage.bleu}
+    stage.storage["zip"] = {"bytes": _zip_bytes(md), "bleu": stage.bleu}  # the dir as it is: always measured
     return stage
 
 
