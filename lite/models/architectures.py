@@ -44,6 +44,7 @@ def base_architecture(args):
     _default(args, "gau_key_dim", 128)
     _default(args, "chunk_size", 0)
     _default(args, "performer_features", 0)
+    _default(args, "local_block", 16)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -123,6 +124,12 @@ def _linear(args, dim: int) -> None:
 def _performer(args, dim: int) -> None:
     """Performer (FAVOR+) attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
     _default(args, "encoder_mixer", "performer")
+    _transformer(args, dim)
+
+
+def _local(args, dim: int) -> None:
+    """Blockwise local attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", "local")
     _transformer(args, dim)
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import MODEL, _fastformer, _flash, _linear, _lsra_wmt, _performer, _transformer
+from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _local, _lsra_wmt, _performer,
+                                      _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -43,6 +44,8 @@ FAMILIES: dict[str, Family] = {
                                  "embed, 6+6"),
     "performer": Family(_performer, 8, "Performer: FAVOR+ attention (D ln D random features a head) in place of "
                                        "self-attention, FFN = 4 x embed, 6+6"),
+    "local": Family(_local, 8, "Local attention: blocks of 16 tokens, each attending to itself and the previous block, "
+                               "in place of self-attention, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -54,6 +57,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "fastformer": {100 * M: "fastformer_100m", 500 * M: "fastformer_500m"},
     "linear": {100 * M: "linear_100m"},
     "performer": {100 * M: "performer_100m"},
+    "local": {100 * M: "local_100m"},
 }
 
 
@@ -115,3 +119,9 @@ def linear_100m(args):  # d=136 (4 heads): 98.1M MACs
 @register_model_architecture(MODEL, "performer_100m")
 def performer_100m(args):  # d=120 (4 heads of 30, 102 features each): 91.7M MACs
     _performer(args, 120)
+
+
+@register_model_architecture(MODEL, "local_100m")
+def local_100m(args):  # d=136 (4 heads, blocks of 16): 98.0M MACs
+    _local(args, 136)
+

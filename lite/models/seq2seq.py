@@ -66,6 +66,7 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         gau_hidden_dim=getattr(args, "gau_hidden_dim", None),
         conv_head_dim=getattr(args, "conv_head_dim", None),
         performer_features=getattr(args, "performer_features", None) or 0,  # absent from checkpoints made before it
+        local_block=getattr(args, "local_block", None) or 16,
     )
 
 
@@ -259,6 +260,8 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
         add("--gau-key-dim", type=int, metavar="S", help="GAU: width of the shared Z that Q and K are made from")
         add("--chunk-size", type=int, metavar="C", help="FLASH: mixed-chunk attention chunk; 0 = quadratic")
         add("--performer-features", type=int, metavar="M", help="Performer: random features per head; 0 = D ln D")
+        add("--local-block", type=int, metavar="L",
+            help="local attention: block size; a query attends to its block and the previous one")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

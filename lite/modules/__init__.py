@@ -18,6 +18,7 @@ from lite.modules.fastformer import Fastformer, fastformer_from_spec
 from lite.modules.ffn import FeedForward
 from lite.modules.gau import GAU, gau_from_spec
 from lite.modules.linear_attention import LinearAttention, linear_attention_from_spec
+from lite.modules.local_attention import LocalAttention, local_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.performer import performer_from_spec
 
@@ -43,6 +44,7 @@ class MixerSpec:
     gau_hidden_dim: int | None = None  # GAU: U, V width; None: gau_expansion x embed dim
     conv_head_dim: int | None = None  # channels per conv head (inner width conv_heads x it); None: width // heads
     performer_features: int = 0  # Performer: random features per head; 0 = round(D ln D)
+    local_block: int = 16  # local attention: block size L (a query sees its block and the previous one)
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
@@ -84,6 +86,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "fastformer": fastformer_from_spec,
     "linear": linear_attention_from_spec,  # Linear Transformer (elu + 1 kernel; causal by prefix sums)
     "performer": performer_from_spec,  # FAVOR+ random features of the softmax kernel, the same linear attention
+    "local": local_attention_from_spec,  # blockwise local attention (its block and the previous one)
 }
 
 
@@ -95,4 +98,4 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 
 __all__ = ["MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
-           "LinearAttention"]
+           "LinearAttention", "LocalAttention"]
