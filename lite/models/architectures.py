@@ -45,6 +45,7 @@ def base_architecture(args):
     _default(args, "chunk_size", 0)
     _default(args, "performer_features", 0)
     _default(args, "local_block", 16)
+    _default(args, "synthesizer_max_len", 256)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -130,6 +131,12 @@ def _performer(args, dim: int) -> None:
 def _local(args, dim: int) -> None:
     """Blockwise local attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
     _default(args, "encoder_mixer", "local")
+    _transformer(args, dim)
+
+
+def _synthesizer(args, dim: int, kind: str) -> None:
+    """Dense or random Synthesizer attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", f"synthesizer_{kind}")
     _transformer(args, dim)
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _local, _lsra_wmt, _performer,
-                                      _transformer)
+                                      _synthesizer, _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -46,6 +46,12 @@ FAMILIES: dict[str, Family] = {
                                        "self-attention, FFN = 4 x embed, 6+6"),
     "local": Family(_local, 8, "Local attention: blocks of 16 tokens, each attending to itself and the previous block, "
                                "in place of self-attention, FFN = 4 x embed, 6+6"),
+    "synthesizer_dense": Family(lambda args, dim: _synthesizer(args, dim, "dense"), 8,
+                                "Dense Synthesizer: attention weights from a per-token MLP in place of self-attention, "
+                                "FFN = 4 x embed, 6+6"),
+    "synthesizer_random": Family(lambda args, dim: _synthesizer(args, dim, "random"), 8,
+                                 "Random Synthesizer: learned input-free attention weights in place of self-attention, "
+                                 "FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -58,6 +64,8 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "linear": {100 * M: "linear_100m"},
     "performer": {100 * M: "performer_100m"},
     "local": {100 * M: "local_100m"},
+    "synthesizer_dense": {100 * M: "synthesizer_dense_100m"},
+    "synthesizer_random": {100 * M: "synthesizer_random_100m"},
 }
 
 
@@ -125,3 +133,12 @@ def performer_100m(args):  # d=120 (4 heads of 30, 102 features each): 91.7M MAC
 def local_100m(args):  # d=136 (4 heads, blocks of 16): 98.0M MACs
     _local(args, 136)
 
+
+@register_model_architecture(MODEL, "synthesizer_dense_100m")
+def synthesizer_dense_100m(args):  # d=136 (4 heads, N = 256): 91.0M MACs (d=144: over 100M)
+    _synthesizer(args, 136, "dense")
+
+
+@register_model_architecture(MODEL, "synthesizer_random_100m")
+def synthesizer_random_100m(args):  # d=144 (4 heads, N = 256): 92.7M MACs (d=152: over 100M)
+    _synthesizer(args, 144, "random")

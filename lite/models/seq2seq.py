@@ -67,6 +67,7 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         conv_head_dim=getattr(args, "conv_head_dim", None),
         performer_features=getattr(args, "performer_features", None) or 0,  # absent from checkpoints made before it
         local_block=getattr(args, "local_block", None) or 16,
+        synthesizer_max_len=getattr(args, "synthesizer_max_len", None) or 256,
     )
 
 
@@ -262,6 +263,8 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
         add("--performer-features", type=int, metavar="M", help="Performer: random features per head; 0 = D ln D")
         add("--local-block", type=int, metavar="L",
             help="local attention: block size; a query attends to its block and the previous one")
+        add("--synthesizer-max-len", type=int, metavar="N",
+            help="Synthesizer: the longest input (its logits cover N positions); longer inputs are refused")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

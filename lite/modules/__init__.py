@@ -21,6 +21,7 @@ from lite.modules.linear_attention import LinearAttention, linear_attention_from
 from lite.modules.local_attention import LocalAttention, local_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.performer import performer_from_spec
+from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class MixerSpec:
     conv_head_dim: int | None = None  # channels per conv head (inner width conv_heads x it); None: width // heads
     performer_features: int = 0  # Performer: random features per head; 0 = round(D ln D)
     local_block: int = 16  # local attention: block size L (a query sees its block and the previous one)
+    synthesizer_max_len: int = 256  # Synthesizer: the longest input, N (logits over N positions)
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
@@ -87,6 +89,8 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "linear": linear_attention_from_spec,  # Linear Transformer (elu + 1 kernel; causal by prefix sums)
     "performer": performer_from_spec,  # FAVOR+ random features of the softmax kernel, the same linear attention
     "local": local_attention_from_spec,  # blockwise local attention (its block and the previous one)
+    "synthesizer_dense": dense_synthesizer_from_spec,  # weights from a per-token MLP, values from the input
+    "synthesizer_random": random_synthesizer_from_spec,  # learned input-free weights, values from the input
 }
 
 
@@ -98,4 +102,4 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 
 __all__ = ["MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
-           "LinearAttention", "LocalAttention"]
+           "LinearAttention", "LocalAttention", "Synthesizer"]

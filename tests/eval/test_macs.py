@@ -33,7 +33,7 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
               "transformer_d128": 86.7 * M, "transformer_d256": 338.6 * M, "transformer_d320": 526.5 * M}
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
-              "linear_100m", "performer_100m", "local_100m"]
+              "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -52,6 +52,8 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
         return _linear(args, side, queries)
     if mixer == "local":
         return _local(args, side, queries, step)
+    if mixer.startswith("synthesizer_"):
+        return _synthesizer(mixer, dim, queries, keys)
     if mixer in ("gau", "fastformer"):
         assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
         return (_gau if mixer == "gau" else _fastformer)(args, side, queries)
@@ -117,6 +119,14 @@ def _local(args, side: str, frames: int, step: bool) -> int:
     c, block = getattr(args, f"{side}_embed_dim"), args.local_block
     padded = 1 if step else -(-frames // block) * block
     return frames * 4 * c * c + 2 * padded * 2 * block * c
+
+
+def _synthesizer(mixer: str, c: int, queries: int, keys: int) -> int:
+    """Synthesizer, ``queries`` against ``keys`` frames (C channels): values and out, 2 C^2 a query; the weights
+    times the values, C a query-key pair. Dense also: the MLP's first layer, C^2 a query, and its second layer for
+    the keys' positions only, C a query-key pair (H heads of D channels a logit each); random: a table look-up."""
+    macs = queries * 2 * c * c + queries * keys * c
+    return macs + (queries * c * c + queries * keys * c if mixer == "synthesizer_dense" else 0)
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:

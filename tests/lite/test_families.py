@@ -1,5 +1,5 @@
-"""FLASH-Quad, FLASH, Fastformer and the survey's mechanisms (Linear Transformer, Performer, local attention) learn the
-embedded corpus: a tiny model of each clears a BLEU floor that an untrained model cannot reach (tests/test_pipeline.py
+"""FLASH-Quad, FLASH, Fastformer and the survey's mechanisms (Linear Transformer, Performer, local attention, dense and
+random Synthesizer) learn the embedded corpus: a tiny model of each clears a BLEU floor that an untrained model cannot reach (tests/test_pipeline.py
 shows the untrained one scores below 5); the survey's mechanisms also decode on the ONNX Runtime translator exactly as
 in torch."""
 from pathlib import Path
@@ -10,9 +10,11 @@ from eval.evaluate import evaluate
 from lite.train import load_config, train
 from tests.conftest import ROOT
 
-# measured (600 updates): FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78, Performer 80, local 85
+# measured (600 updates): FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78, Performer 80, local 85,
+# Synthesizer dense 70, random 78
 FAMILY_FLOOR = 30.0
-SURVEY = ["linear", "performer", "local"]  # the Efficient Transformers survey's mechanisms
+# the Efficient Transformers survey's mechanisms
+SURVEY = ["linear", "performer", "local", "synthesizer_dense", "synthesizer_random"]
 
 
 @pytest.mark.parametrize("family", ["flash_quad", "flash", "fastformer", *SURVEY])
