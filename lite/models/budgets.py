@@ -14,8 +14,8 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _local, _lsra_wmt, _performer,
-                                      _synthesizer, _transformer)
+from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _linformer, _local, _lsra_wmt,
+                                      _performer, _synthesizer, _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -52,6 +52,8 @@ FAMILIES: dict[str, Family] = {
     "synthesizer_random": Family(lambda args, dim: _synthesizer(args, dim, "random"), 8,
                                  "Random Synthesizer: learned input-free attention weights in place of self-attention, "
                                  "FFN = 4 x embed, 6+6"),
+    "linformer": Family(_linformer, 8, "Linformer: keys and values projected to k = 32 along the length in the "
+                                       "encoder, standard causal attention in the decoder, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -66,6 +68,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "local": {100 * M: "local_100m"},
     "synthesizer_dense": {100 * M: "synthesizer_dense_100m"},
     "synthesizer_random": {100 * M: "synthesizer_random_100m"},
+    "linformer": {100 * M: "linformer_100m"},
 }
 
 
@@ -142,3 +145,8 @@ def synthesizer_dense_100m(args):  # d=136 (4 heads, N = 256): 91.0M MACs (d=144
 @register_model_architecture(MODEL, "synthesizer_random_100m")
 def synthesizer_random_100m(args):  # d=144 (4 heads, N = 256): 92.7M MACs (d=152: over 100M)
     _synthesizer(args, 144, "random")
+
+
+@register_model_architecture(MODEL, "linformer_100m")
+def linformer_100m(args):  # d=136 (4 heads, k = 32, N = 256; attention decoder): 99.3M MACs
+    _linformer(args, 136)

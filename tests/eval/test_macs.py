@@ -33,7 +33,8 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
               "transformer_d128": 86.7 * M, "transformer_d256": 338.6 * M, "transformer_d320": 526.5 * M}
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
-              "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m"]
+              "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
+              "linformer_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -46,7 +47,8 @@ def _kernels(args, side: str) -> list[int]:
 
 def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = False) -> int:
     """One mixer: attention on all channels, LSRA (attention on half, conv branch on half) or conv; GAU and
-    Fastformer on a whole sequence only (queries == keys)."""
+    Fastformer on a whole sequence only (queries == keys). Linformer (encoder only): q, k, v and out, 4 C^2 a frame;
+    E K and F V, k C a frame each; q K'^T and the weights times V', k C a frame each."""
     dim, mixer = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_mixer")
     if mixer in ("linear", "performer"):
         return _linear(args, side, queries)
@@ -54,6 +56,9 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
         return _local(args, side, queries, step)
     if mixer.startswith("synthesizer_"):
         return _synthesizer(mixer, dim, queries, keys)
+    if mixer == "linformer":
+        assert queries == keys, "Linformer serves the encoder only: a full pass"
+        return queries * 4 * dim * dim + 4 * queries * args.linformer_k * dim
     if mixer in ("gau", "fastformer"):
         assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
         return (_gau if mixer == "gau" else _fastformer)(args, side, queries)
