@@ -92,6 +92,13 @@ def parse_fairseq_args(argv: list[str]):
     args, unknown = options.parse_args_and_arch(parser, argv, parse_known=True)
     if unknown:
         raise ConfigError(f"options fairseq-train does not know: {' '.join(unknown)}")
+    if ARCH_MODEL_REGISTRY[arch] is LiteTransformerModel:  # the arch's defaults are filled in: check the mixers
+        from lite.models.seq2seq import check_decoder_mixer
+
+        try:
+            check_decoder_mixer(args)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return args
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from fairseq.models import register_model_architecture
 
+from lite.modules import CAUSAL_MIXERS
+
 MODEL = "lite_transformer"
 
 
@@ -18,7 +20,8 @@ def _default(args, name: str, value) -> None:
 @register_model_architecture(MODEL, MODEL)
 def base_architecture(args):
     _default(args, "encoder_mixer", "attention")
-    _default(args, "decoder_mixer", args.encoder_mixer)
+    # the encoder's mixer when it has a causal form, else the standard causal attention
+    _default(args, "decoder_mixer", args.encoder_mixer if args.encoder_mixer in CAUSAL_MIXERS else "attention")
     _default(args, "encoder_embed_dim", 512)
     _default(args, "encoder_ffn_embed_dim", 4 * args.encoder_embed_dim)
     _default(args, "encoder_layers", 6)
@@ -44,6 +47,10 @@ def base_architecture(args):
     _default(args, "gau_key_dim", 128)
     _default(args, "chunk_size", 0)
     _default(args, "performer_features", 0)
+    _default(args, "local_block", 16)
+    _default(args, "synthesizer_max_len", 256)
+    _default(args, "linformer_max_len", 256)
+    _default(args, "linformer_k", 32)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -123,6 +130,26 @@ def _linear(args, dim: int) -> None:
 def _performer(args, dim: int) -> None:
     """Performer (FAVOR+) attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
     _default(args, "encoder_mixer", "performer")
+    _transformer(args, dim)
+
+
+def _local(args, dim: int) -> None:
+    """Blockwise local attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", "local")
+    _transformer(args, dim)
+
+
+def _synthesizer(args, dim: int, kind: str) -> None:
+    """Dense or random Synthesizer attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", f"synthesizer_{kind}")
+    _transformer(args, dim)
+
+
+def _linformer(args, dim: int) -> None:
+    """Linformer attention in the encoder's Transformer layers (FFN 4d, post-norm); it has no causal form, so the
+    decoder keeps the standard causal attention."""
+    _default(args, "encoder_mixer", "linformer")
+    _default(args, "decoder_mixer", "attention")
     _transformer(args, dim)
 
 

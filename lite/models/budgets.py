@@ -14,7 +14,8 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import MODEL, _fastformer, _flash, _linear, _lsra_wmt, _performer, _transformer
+from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _linformer, _local, _lsra_wmt,
+                                      _performer, _synthesizer, _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -43,6 +44,16 @@ FAMILIES: dict[str, Family] = {
                                  "embed, 6+6"),
     "performer": Family(_performer, 8, "Performer: FAVOR+ attention (D ln D random features a head) in place of "
                                        "self-attention, FFN = 4 x embed, 6+6"),
+    "local": Family(_local, 8, "Local attention: blocks of 16 tokens, each attending to itself and the previous block, "
+                               "in place of self-attention, FFN = 4 x embed, 6+6"),
+    "synthesizer_dense": Family(lambda args, dim: _synthesizer(args, dim, "dense"), 8,
+                                "Dense Synthesizer: attention weights from a per-token MLP in place of self-attention, "
+                                "FFN = 4 x embed, 6+6"),
+    "synthesizer_random": Family(lambda args, dim: _synthesizer(args, dim, "random"), 8,
+                                 "Random Synthesizer: learned input-free attention weights in place of self-attention, "
+                                 "FFN = 4 x embed, 6+6"),
+    "linformer": Family(_linformer, 8, "Linformer: keys and values projected to k = 32 along the length in the "
+                                       "encoder, standard causal attention in the decoder, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -54,6 +65,10 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "fastformer": {100 * M: "fastformer_100m", 500 * M: "fastformer_500m"},
     "linear": {100 * M: "linear_100m"},
     "performer": {100 * M: "performer_100m"},
+    "local": {100 * M: "local_100m"},
+    "synthesizer_dense": {100 * M: "synthesizer_dense_100m"},
+    "synthesizer_random": {100 * M: "synthesizer_random_100m"},
+    "linformer": {100 * M: "linformer_100m"},
 }
 
 
@@ -115,3 +130,23 @@ def linear_100m(args):  # d=136 (4 heads): 98.1M MACs
 @register_model_architecture(MODEL, "performer_100m")
 def performer_100m(args):  # d=120 (4 heads of 30, 102 features each): 91.7M MACs
     _performer(args, 120)
+
+
+@register_model_architecture(MODEL, "local_100m")
+def local_100m(args):  # d=136 (4 heads, blocks of 16): 98.0M MACs
+    _local(args, 136)
+
+
+@register_model_architecture(MODEL, "synthesizer_dense_100m")
+def synthesizer_dense_100m(args):  # d=136 (4 heads, N = 256): 91.0M MACs (d=144: over 100M)
+    _synthesizer(args, 136, "dense")
+
+
+@register_model_architecture(MODEL, "synthesizer_random_100m")
+def synthesizer_random_100m(args):  # d=144 (4 heads, N = 256): 92.7M MACs (d=152: over 100M)
+    _synthesizer(args, 144, "random")
+
+
+@register_model_architecture(MODEL, "linformer_100m")
+def linformer_100m(args):  # d=136 (4 heads, k = 32, N = 256; attention decoder): 99.3M MACs
+    _linformer(args, 136)

@@ -19,7 +19,7 @@ from fairseq.models import (FairseqEncoder, FairseqEncoderDecoderModel, FairseqI
 from fairseq.modules import LayerNorm, PositionalEmbedding
 from torch import Tensor, nn
 
-from lite.modules import MIXERS, FeedForward, MixerSpec, build_mixer
+from lite.modules import CAUSAL_MIXERS, MIXERS, FeedForward, MixerSpec, build_mixer
 from lite.modules.attention import multihead_attention
 from lite.modules.incremental import IncrementalState
 
@@ -66,6 +66,10 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         gau_hidden_dim=getattr(args, "gau_hidden_dim", None),
         conv_head_dim=getattr(args, "conv_head_dim", None),
         performer_features=getattr(args, "performer_features", None) or 0,  # absent from checkpoints made before it
+        local_block=getattr(args, "local_block", None) or 16,
+        synthesizer_max_len=getattr(args, "synthesizer_max_len", None) or 256,
+        linformer_max_len=getattr(args, "linformer_max_len", None) or 256,
+        linformer_k=getattr(args, "linformer_k", None) or 32,
     )
 
 
@@ -259,6 +263,13 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
         add("--gau-key-dim", type=int, metavar="S", help="GAU: width of the shared Z that Q and K are made from")
         add("--chunk-size", type=int, metavar="C", help="FLASH: mixed-chunk attention chunk; 0 = quadratic")
         add("--performer-features", type=int, metavar="M", help="Performer: random features per head; 0 = D ln D")
+        add("--local-block", type=int, metavar="L",
+            help="local attention: block size; a query attends to its block and the previous one")
+        add("--synthesizer-max-len", type=int, metavar="N",
+            help="Synthesizer: the longest input (its logits cover N positions); longer inputs are refused")
+        add("--linformer-max-len", type=int, metavar="N",
+            help="Linformer (encoder only): the longest input (E, F are k x N); longer inputs are refused")
+        add("--linformer-k", type=int, metavar="K", help="Linformer: the length keys and values are projected to")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",
@@ -280,6 +291,7 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
         from lite.models.architectures import base_architecture
 
         base_architecture(args)
+        check_decoder_mixer(args)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
         if args.share_all_embeddings:
             if src_dict != tgt_dict:
@@ -295,6 +307,13 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
         model = cls(LiteEncoder(args, src_dict, encoder_embed), LiteDecoder(args, tgt_dict, decoder_embed))
         model.args = args
         return model
+
+
+def check_decoder_mixer(args) -> None:
+    """A decoder needs a causal mixer: any other is refused here, at build, in one line naming those that serve."""
+    if args.decoder_mixer not in CAUSAL_MIXERS:
+        raise ValueError(f"--decoder-mixer {args.decoder_mixer}: {args.decoder_mixer} has no causal form, so it "
+                         f"cannot serve in the decoder; mechanisms that can: {', '.join(sorted(CAUSAL_MIXERS))}")
 
 
 def _embedding(dictionary, dim: int) -> nn.Embedding:

@@ -3,7 +3,8 @@
     mixer(x: T x B x C, padding_mask: B x T | None, incremental_state) -> T x B x C
 
 and one registry, ``MIXERS``, from the name used by ``--encoder-mixer`` / ``--decoder-mixer``
-to a builder ``(spec) -> nn.Module``.
+to a builder ``(spec) -> nn.Module``. Every mixer serves an encoder; ``CAUSAL_MIXERS`` are those with a causal form,
+the only ones a decoder can use (the model refuses any other when it is built).
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from lite.modules.fastformer import Fastformer, fastformer_from_spec
 from lite.modules.ffn import FeedForward
 from lite.modules.gau import GAU, gau_from_spec
 from lite.modules.linear_attention import LinearAttention, linear_attention_from_spec
+from lite.modules.linformer import Linformer, linformer_from_spec
+from lite.modules.local_attention import LocalAttention, local_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.performer import performer_from_spec
+from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class MixerSpec:
     gau_hidden_dim: int | None = None  # GAU: U, V width; None: gau_expansion x embed dim
     conv_head_dim: int | None = None  # channels per conv head (inner width conv_heads x it); None: width // heads
     performer_features: int = 0  # Performer: random features per head; 0 = round(D ln D)
+    local_block: int = 16  # local attention: block size L (a query sees its block and the previous one)
+    synthesizer_max_len: int = 256  # Synthesizer: the longest input, N (logits over N positions)
+    linformer_max_len: int = 256  # Linformer: the longest input, N (E and F are k x N)
+    linformer_k: int = 32  # Linformer: the length keys and values are projected to
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
@@ -84,7 +92,14 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "fastformer": fastformer_from_spec,
     "linear": linear_attention_from_spec,  # Linear Transformer (elu + 1 kernel; causal by prefix sums)
     "performer": performer_from_spec,  # FAVOR+ random features of the softmax kernel, the same linear attention
+    "local": local_attention_from_spec,  # blockwise local attention (its block and the previous one)
+    "synthesizer_dense": dense_synthesizer_from_spec,  # weights from a per-token MLP, values from the input
+    "synthesizer_random": random_synthesizer_from_spec,  # learned input-free weights, values from the input
+    "linformer": linformer_from_spec,  # keys and values projected along the length to k rows; encoder only
 }
+
+# the mixers with a causal form: those a decoder can use
+CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer"}
 
 
 def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
@@ -93,6 +108,6 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
     return MIXERS[name](spec)
 
 
-__all__ = ["MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
+__all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
-           "LinearAttention"]
+           "LinearAttention", "LocalAttention", "Synthesizer", "Linformer"]

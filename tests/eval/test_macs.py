@@ -33,7 +33,8 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
               "transformer_d128": 86.7 * M, "transformer_d256": 338.6 * M, "transformer_d320": 526.5 * M}
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
-              "linear_100m", "performer_100m"]
+              "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
+              "linformer_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -44,12 +45,20 @@ def _kernels(args, side: str) -> list[int]:
     return (sizes * layers)[:layers] if len(sizes) == 1 else sizes[:layers]
 
 
-def _mixer(args, side: str, queries: int, keys: int, kernel: int) -> int:
+def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = False) -> int:
     """One mixer: attention on all channels, LSRA (attention on half, conv branch on half) or conv; GAU and
-    Fastformer on a whole sequence only (queries == keys)."""
+    Fastformer on a whole sequence only (queries == keys). Linformer (encoder only): q, k, v and out, 4 C^2 a frame;
+    E K and F V, k C a frame each; q K'^T and the weights times V', k C a frame each."""
     dim, mixer = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_mixer")
     if mixer in ("linear", "performer"):
         return _linear(args, side, queries)
+    if mixer == "local":
+        return _local(args, side, queries, step)
+    if mixer.startswith("synthesizer_"):
+        return _synthesizer(mixer, dim, queries, keys)
+    if mixer == "linformer":
+        assert queries == keys, "Linformer serves the encoder only: a full pass"
+        return queries * 4 * dim * dim + 4 * queries * args.linformer_k * dim
     if mixer in ("gau", "fastformer"):
         assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
         return (_gau if mixer == "gau" else _fastformer)(args, side, queries)
@@ -108,6 +117,23 @@ def _linear(args, side: str, frames: int) -> int:
     return frames * (4 * c * c + 2 * c * m + heads * m + 2 * c * m + 2 * c)
 
 
+def _local(args, side: str, frames: int, step: bool) -> int:
+    """Local attention on ``frames`` frames (C channels, blocks of L): q, k, v and out, 4 C^2 a frame; the frames
+    padded to whole blocks, each query of them against a window of 2 L keys, QK^T and AV: 2 x 2 L C a padded frame.
+    One decoding step: one query against the 2 L slots of its ring buffer, whatever the step."""
+    c, block = getattr(args, f"{side}_embed_dim"), args.local_block
+    padded = 1 if step else -(-frames // block) * block
+    return frames * 4 * c * c + 2 * padded * 2 * block * c
+
+
+def _synthesizer(mixer: str, c: int, queries: int, keys: int) -> int:
+    """Synthesizer, ``queries`` against ``keys`` frames (C channels): values and out, 2 C^2 a query; the weights
+    times the values, C a query-key pair. Dense also: the MLP's first layer, C^2 a query, and its second layer for
+    the keys' positions only, C a query-key pair (H heads of D channels a logit each); random: a table look-up."""
+    macs = queries * 2 * c * c + queries * keys * c
+    return macs + (queries * c * c + queries * keys * c if mixer == "synthesizer_dense" else 0)
+
+
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
     """(encoder, decoder) MACs, teacher forcing, the full T x T attention matrix, no embeddings/projection."""
     ce, cd = args.encoder_embed_dim, args.decoder_embed_dim
@@ -127,7 +153,7 @@ def reference_decode_macs(args, src_len: int, tgt_len: int, beam: int, vocab: in
     for k in _kernels(args, "decoder"):
         decoder += beam * 2 * src_len * ce * cd  # cross-attention keys/values of the memory, at step 1 only
         for t in range(1, tgt_len + 1):  # step t attends to t cached positions
-            decoder += beam * (_mixer(args, "decoder", 1, t, k) + 2 * cd * cd + 2 * src_len * cd
+            decoder += beam * (_mixer(args, "decoder", 1, t, k, step=True) + 2 * cd * cd + 2 * src_len * cd
                                + 2 * cd * args.decoder_ffn_embed_dim)
     return encoder, decoder, tgt_len * beam * cd * vocab
 

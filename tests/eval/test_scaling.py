@@ -25,5 +25,7 @@ def test_state_sizes_equal_a_hand_count(points):
 def test_bad_lengths_and_names_are_refused(capsys):
     with pytest.raises(ScalingError, match="takes at most"):
         measure("transformer_d128", [5000])
+    with pytest.raises(ScalingError, match="synthesizer_dense_100m takes at most 254 tokens"):
+        measure("synthesizer_dense_100m", [300])  # --synthesizer-max-len 256
     assert main(["scaling", "--arch", "no_such_arch"]) == 2
     assert "not a registered architecture" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""FLASH-Quad, FLASH, Fastformer, the Linear Transformer and Performer learn the embedded corpus: a tiny model of each
-clears a BLEU floor that an untrained model cannot reach (tests/test_pipeline.py shows the untrained one scores below
-5); the survey's mechanisms also decode on the ONNX Runtime translator exactly as in torch."""
+"""FLASH-Quad, FLASH, Fastformer and the survey's mechanisms (Linear Transformer, Performer, local attention, dense and
+random Synthesizer, Linformer) learn the embedded corpus: a tiny model of each clears a BLEU floor that an untrained
+model cannot reach (tests/test_pipeline.py shows the untrained one scores below 5); the survey's mechanisms also decode
+on the ONNX Runtime translator exactly as in torch."""
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,11 @@ from eval.evaluate import evaluate
 from lite.train import load_config, train
 from tests.conftest import ROOT
 
-FAMILY_FLOOR = 30.0  # measured: FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78, Performer 80 (600 updates)
-SURVEY = ["linear", "performer"]  # the Efficient Transformers survey's mechanisms
+# measured (600 updates): FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78, Performer 80, local 85,
+# Synthesizer dense 70, random 78, Linformer 85
+FAMILY_FLOOR = 30.0
+# the Efficient Transformers survey's mechanisms
+SURVEY = ["linear", "performer", "local", "synthesizer_dense", "synthesizer_random", "linformer"]
 
 
 @pytest.mark.parametrize("family", ["flash_quad", "flash", "fastformer", *SURVEY])

@@ -1,0 +1,141 @@
+"""Linformer attention: fast path (E K, F V as matmuls) vs the per-sentence sums of the paper's formula, padding and
+left padding, the maximum length, and the refusal to serve in a decoder (no causal form)."""
+import pytest
+import torch
+
+from lite.modules import CAUSAL_MIXERS, MIXERS, MixerSpec
+from lite.modules.linformer import Linformer, linformer_from_spec
+from tests.conftest import ROOT, assert_close, left_padding, tiny_model
+
+
+def make_unit(max_len: int = 40, projected: int = 5) -> Linformer:
+    """A small unit in eval mode with spread-out logits, so that the weights are far from uniform (E, F smaller: each
+    row sums up to 40 frames, and float32 sums of large terms would differ by more than 1e-5 between the two paths)."""
+    unit = Linformer(16, 2, max_len, projected).eval()
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.normal_(0.0, 0.5)
+        unit.proj_key.normal_(0.0, 0.15)
+        unit.proj_value.normal_(0.0, 0.15)
+    return unit
+
+
+@pytest.mark.parametrize("length", [1, 7, 33, 40])
+def test_fast_path_matches_reference(length):
+    unit = make_unit()
+    x = torch.randn(length, 2, 16)  # [T, B, C]
+    assert_close(unit(x), unit.reference_forward(x))
+    mask = left_padding(2, length, pads=min(6, length - 1))
+    assert_close(unit(x, mask), unit.reference_forward(x, mask))
+
+
+def test_reference_is_the_textbook_formula():
+    """H = C = D = 1, k = 2, W = 1, E = F = [[1, 0], [0, 1]], x = (a, b): K' = V' = (a, b); query i weighs them by
+    softmax(x_i a, x_i b)."""
+    unit = Linformer(1, 1, 2, 2).eval()
+    with torch.no_grad():
+        unit.qkv.weight.fill_(1.0)
+        unit.qkv.bias.zero_()
+        unit.out_proj.weight.fill_(1.0)
+        unit.out_proj.bias.zero_()
+        unit.proj_key.copy_(torch.eye(2))
+        unit.proj_value.copy_(torch.eye(2))
+    a, b = 0.5, -1.5
+    rows = [torch.softmax(torch.tensor([xi * a, xi * b]), 0) @ torch.tensor([a, b]) for xi in (a, b)]
+    x = torch.tensor([a, b]).view(2, 1, 1)
+    assert_close(unit.reference_forward(x), torch.stack(rows).view(2, 1, 1))
+    assert_close(unit(x), torch.stack(rows).view(2, 1, 1))
+
+
+def test_every_query_sees_every_frame():
+    """Guard against vacuous parity: changing the last frame moves every output (no causal form)."""
+    unit = make_unit()
+    x = torch.randn(9, 1, 16)
+    other = x.clone()
+    other[-1] += 1.0
+    assert (unit(other) - unit(x))[:-1].abs().amax(dim=(1, 2)).min() > 1e-4
+
+
+def test_padded_frames_do_not_leak():
+    unit = make_unit()
+    x = torch.randn(13, 2, 16)
+    mask = left_padding(2, 13, pads=3)
+    mask[0, -2:] = True  # the first sentence is right-padded
+    y = unit(x, mask)
+    x_other = x.clone()
+    x_other[:3, 1] = 1e3 * torch.randn(3, 16)
+    x_other[-2:, 0] = 1e3 * torch.randn(2, 16)
+    assert_close(unit(x_other, mask), y)
+    assert_close(y[:3, 1], torch.zeros(3, 16))
+    assert_close(y[-2:, 0], torch.zeros(2, 16))
+
+
+def test_left_padding_changes_nothing():
+    """Positions count from the first real token: a sentence alone and left-padded project alike."""
+    unit = make_unit()
+    x = torch.randn(6, 1, 16)
+    padded = torch.cat([torch.randn(4, 1, 16), x])
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, :4] = True
+    assert_close(unit(padded, mask)[4:], unit(x))
+
+
+def test_longer_inputs_are_refused_naming_the_flag():
+    unit = make_unit(max_len=8)
+    unit(torch.randn(8, 1, 16))
+    with pytest.raises(ValueError, match="9 frames is longer than --linformer-max-len 8"):
+        unit(torch.randn(9, 1, 16))
+
+
+def test_no_incremental_state_and_no_causal_build():
+    with pytest.raises(ValueError, match="no causal form"):
+        make_unit()(torch.randn(1, 1, 16), incremental_state={})
+    spec = MixerSpec(embed_dim=16, attention_heads=4, causal=True, kernel_size=3, conv_type="lightweight",
+                     conv_heads=2, conv_glu=True, weight_softmax=True, weight_dropout=0.0, attention_dropout=0.1,
+                     linformer_max_len=12, linformer_k=3)
+    with pytest.raises(ValueError, match="no causal form"):
+        linformer_from_spec(spec)
+
+
+def test_builder_reads_the_spec():
+    spec = MixerSpec(embed_dim=16, attention_heads=4, causal=False, kernel_size=3, conv_type="lightweight",
+                     conv_heads=2, conv_glu=True, weight_softmax=True, weight_dropout=0.0, attention_dropout=0.1,
+                     linformer_max_len=12, linformer_k=3)
+    unit = linformer_from_spec(spec)
+    assert (unit.num_heads, unit.max_len, unit.projected) == (4, 12, 3)
+    assert unit.proj_key.shape == unit.proj_value.shape == (3, 12)
+    with pytest.raises(ValueError, match="divisible"):
+        Linformer(10, 4, 8, 2)
+    with pytest.raises(ValueError, match="--linformer-k"):
+        Linformer(16, 4, 8, 0)
+
+
+def test_the_preset_pairs_it_with_the_attention_decoder():
+    args = tiny_model("linformer_100m").args
+    assert (args.encoder_mixer, args.decoder_mixer, args.linformer_k, args.linformer_max_len) == \
+        ("linformer", "attention", 32, 256)
+
+
+def test_a_decoder_mixer_without_causal_form_is_refused_at_build():
+    """One line, at build time (not a shape error later), naming the mechanisms that can serve in a decoder."""
+    assert CAUSAL_MIXERS == set(MIXERS) - {"linformer"}
+    with pytest.raises(ValueError) as error:
+        tiny_model("linformer_100m", decoder_mixer="linformer")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == ("--decoder-mixer linformer: linformer has no causal form, so it cannot serve in the decoder; "
+                       "mechanisms that can: attention, conv, fastformer, gau, linear, local, lsra, performer, "
+                       "synthesizer_dense, synthesizer_random")
+    # any mixer serves an encoder; unless set, the decoder takes the encoder's mixer only when it has a causal form
+    assert tiny_model("transformer_d128", encoder_mixer="linformer").args.decoder_mixer == "attention"
+    assert tiny_model("transformer_d128", encoder_mixer="local").args.decoder_mixer == "local"
+
+
+def test_lite_train_refuses_it_before_fairseq_starts(tmp_path):
+    from lite.train import ConfigError, load_config, train
+
+    config = load_config(ROOT / "configs" / "models" / "linformer" / "tiny.yaml",
+                         [f"data={tmp_path}", f"save_dir={tmp_path / 'ck'}", "decoder_mixer=linformer"])
+    with pytest.raises(ConfigError, match="^--decoder-mixer linformer: linformer has no causal form"):
+        train(config)
+    assert not (tmp_path / "ck").exists()
