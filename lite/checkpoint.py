@@ -82,6 +82,20 @@ def pruned_dims(state: dict) -> dict[str, int]:
     return dict((state.get("extra_state") or {}).get("pruned_dims") or {})
 
 
+# the widths structured pruning can change (``compress.prune``): a checkpoint's weights fit only its own
+WIDTH_ARGS = tuple(f"{side}_{arg}" for side in ("encoder", "decoder", "mixer")
+                   for arg in ("ffn_embed_dim", "attention_heads", "attention_head_dim")) + \
+    ("gau_hidden_dim", "conv_heads", "conv_head_dim")
+
+
+def checkpoint_dims(state: dict) -> dict[str, int]:
+    """The widths a model must have to take this checkpoint's weights: the pruned dims, and for a checkpoint
+    fine-tuned from a pruned one (whose ``extra_state`` no longer says so) the widths its args give."""
+    args = model_args(state)
+    found = {k: getattr(args, k) for k in WIDTH_ARGS if getattr(args, k, None) is not None}
+    return {**found, **pruned_dims(state)}
+
+
 def load_model(path: str | Path, data: str | Path | None = None):
     """(model in eval mode, task) from a fairseq checkpoint; ``data`` overrides the data dir it was trained on."""
     from fairseq import checkpoint_utils

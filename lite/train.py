@@ -110,10 +110,10 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
     CPU time of the training process tree (user + system), cumulative across resumes (``CPU_LOG`` in the save
     dir); when it is spent, fairseq-train is stopped and keeps its last saved checkpoint (set
     ``save_interval_updates`` to lose little)."""
-    if finetune_from:  # a pruned checkpoint's dims (in its args) win over the config's
-        from lite.checkpoint import pruned_dims, read_state
+    if finetune_from:  # the checkpoint's widths (a pruned one's, or one fine-tuned from it) win over the config's
+        from lite.checkpoint import checkpoint_dims, read_state
 
-        dims = pruned_dims(read_state(finetune_from))
+        dims = checkpoint_dims(read_state(finetune_from))
         config = load_overrides(config, [f"{k}={v}" for k, v in dims.items()])
     argv = to_argv(config)
     if max_minutes is not None:

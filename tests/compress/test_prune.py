@@ -328,6 +328,11 @@ def test_finetuning_the_pruned_checkpoint_keeps_its_dims(pruned, workdir, tmp_pa
     for arg in ("decoder_attention_head_dim", "mixer_attention_heads", "mixer_attention_head_dim", "conv_heads",
                 "conv_head_dim"):
         assert getattr(state["cfg"]["model"], arg) == report["dims_after"][arg]
+    assert "pruned_dims" not in (state.get("extra_state") or {})  # fairseq's own checkpoint: the dims are in its args
+    again = subprocess.run([sys.executable, "-m", "lite.cli", "train", str(TINY_CONFIG), f"data={data}",
+                            f"save_dir={tmp_path / 'again'}", "max_update=1", "--finetune-from",
+                            str(tmp_path / "checkpoint_last.pt")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]  # a fine-tuned pruned checkpoint fine-tunes (or sparsifies)
 
 
 def test_the_pruned_checkpoint_exports_and_passes_export_validation(pruned, tmp_path):
