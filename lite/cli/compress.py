@@ -18,7 +18,7 @@ import compress.prune as prune_lib
 import compress.quantize as quantize_lib
 import compress.sparsify as sparsify_lib
 import eval.size_report as report_lib
-from lite.cli.types import budget, open_fraction, positive_float, positive_int
+from lite.cli.types import budget, open_fraction, positive_float, positive_int, share, sparsity
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -80,27 +80,6 @@ def _add_prune(actions) -> None:
 
 # ---------------------------------------------------------------------------------------------- sparsify
 
-def _sparsity(text: str) -> float:
-    """A fraction of zeros in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a sparsity is a fraction of zeros in [0, 1), e.g. 0.8")
-    return value
-
-
-def _ramp(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: the share of the updates that prune, in (0, 1], e.g. 0.75")
-    return value
-
-
 def _sparsify(args) -> int:
     config = sparsify_lib.SparsifyConfig(args.sparsity, args.updates, args.ramp, args.interval, args.embeddings)
     report = sparsify_lib.sparsify(args.checkpoint, args.config, args.out, config, args.overrides, args.data,
@@ -120,13 +99,13 @@ def _add_sparsify(actions) -> None:
     p = actions.add_parser("sparsify", help="fine-grained magnitude pruning, gradual over a fine-tune",
                            description=sparsify_lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="fairseq checkpoint (.pt), e.g. a trained or a structurally pruned one")
-    p.add_argument("--sparsity", type=_sparsity, required=True, help="final fraction of zeros in each weight, e.g. 0.8")
+    p.add_argument("--sparsity", type=sparsity, required=True, help="final fraction of zeros in each weight, e.g. 0.8")
     p.add_argument("--config", required=True, help="the training recipe (configs/models/<family>/<preset>.yaml)")
     p.add_argument("--out", required=True, help=f"dir for train/, {name} and {report}")
     p.add_argument("--overrides", nargs="+", default=[], metavar="key=value",
                    help="override config keys, e.g. --overrides lr=5e-4 warmup_updates=50")
     p.add_argument("--updates", type=positive_int, default=300, help="updates of the fine-tune (default: %(default)s)")
-    p.add_argument("--ramp", type=_ramp, default=0.75,
+    p.add_argument("--ramp", type=share, default=0.75,
                    help="share of the updates over which the sparsity grows (default: %(default)s)")
     p.add_argument("--interval", type=positive_int, help="updates between mask changes (default: the ramp / 20)")
     p.add_argument("--embeddings", action="store_true", help="prune the embedding tables too")

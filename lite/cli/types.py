@@ -37,9 +37,23 @@ def non_negative_float(text: str) -> float:
 
 def open_fraction(text: str) -> float:
     """A fraction in (0, 1)."""
+    return _fraction(text, lambda v: 0 < v < 1, "a fraction in (0, 1), e.g. 0.05")
+
+
+def sparsity(text: str) -> float:
+    """A fraction of zeros in [0, 1)."""
+    return _fraction(text, lambda v: 0 <= v < 1, "a sparsity is a fraction of zeros in [0, 1), e.g. 0.8")
+
+
+def share(text: str) -> float:
+    """A share in (0, 1]."""
+    return _fraction(text, lambda v: 0 < v <= 1, "a share in (0, 1], e.g. 0.75")
+
+
+def _fraction(text: str, valid, what: str) -> float:
     value = _number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a fraction in (0, 1), e.g. 0.05")
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
     return value
 
 
