@@ -34,7 +34,7 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
-              "linformer_100m"]
+              "linformer_100m", "memory_compressed_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -59,6 +59,9 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     if mixer == "linformer":
         assert queries == keys, "Linformer serves the encoder only: a full pass"
         return queries * 4 * dim * dim + 4 * queries * args.linformer_k * dim
+    if mixer == "memory_compressed":
+        assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
+        return _memory_compressed(args, side, queries)
     if mixer in ("gau", "fastformer"):
         assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
         return (_gau if mixer == "gau" else _fastformer)(args, side, queries)
@@ -132,6 +135,15 @@ def _synthesizer(mixer: str, c: int, queries: int, keys: int) -> int:
     the keys' positions only, C a query-key pair (H heads of D channels a logit each); random: a table look-up."""
     macs = queries * 2 * c * c + queries * keys * c
     return macs + (queries * c * c + queries * keys * c if mixer == "synthesizer_dense" else 0)
+
+
+def _memory_compressed(args, side: str, frames: int) -> int:
+    """Memory-compressed attention (encoder) on ``frames`` frames (C channels, stride s): q, k, v and out, 4 C^2 a
+    frame; the two strided convolutions over the frames padded to whole windows, C^2 a padded frame each (C x C x s
+    taps per slot); each query against the ceil(T / s) slots, QK^T and AV: 2 C a query-slot pair."""
+    c, stride = getattr(args, f"{side}_embed_dim"), args.compress_stride
+    slots = -(-frames // stride)
+    return frames * 4 * c * c + 2 * slots * stride * c * c + 2 * frames * slots * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """FLASH-Quad, FLASH, Fastformer and the survey's mechanisms (Linear Transformer, Performer, local attention, dense and
-random Synthesizer, Linformer) learn the embedded corpus: a tiny model of each clears a BLEU floor that an untrained
+random Synthesizer, Linformer, memory-compressed attention) learn the embedded corpus: a tiny model of each clears a BLEU floor that an untrained
 model cannot reach (tests/test_pipeline.py shows the untrained one scores below 5); the survey's mechanisms also decode
 on the ONNX Runtime translator exactly as in torch."""
 from pathlib import Path
@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 # Synthesizer dense 70, random 78, Linformer 85
 FAMILY_FLOOR = 30.0
 # the Efficient Transformers survey's mechanisms
-SURVEY = ["linear", "performer", "local", "synthesizer_dense", "synthesizer_random", "linformer"]
+SURVEY = ["linear", "performer", "local", "synthesizer_dense", "synthesizer_random", "linformer", "memory_compressed"]
 
 
 @pytest.mark.parametrize("family", ["flash_quad", "flash", "fastformer", *SURVEY])
