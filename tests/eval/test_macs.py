@@ -34,7 +34,7 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
-              "linformer_100m", "memory_compressed_100m"]
+              "linformer_100m", "memory_compressed_100m", "strided_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -59,6 +59,8 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     if mixer == "linformer":
         assert queries == keys, "Linformer serves the encoder only: a full pass"
         return queries * 4 * dim * dim + 4 * queries * args.linformer_k * dim
+    if mixer == "strided":
+        return _strided(args, side, queries, keys, step)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -144,6 +146,21 @@ def _memory_compressed(args, side: str, frames: int) -> int:
     c, stride = getattr(args, f"{side}_embed_dim"), args.compress_stride
     slots = -(-frames // stride)
     return frames * 4 * c * c + 2 * slots * stride * c * c + 2 * frames * slots * c
+
+
+def _strided(args, side: str, queries: int, keys: int, step: bool) -> int:
+    """Strided attention (C channels in H heads of D, stride s): q, k, v and out, 4 C^2 a query. Full pass on T
+    frames: the H - H // 2 local heads, each query against a window of 2 s - 1 keys (decoder: s), QK^T and AV; the
+    H // 2 strided heads on the frames padded to G = ceil(T / s) rows, each padded frame against the G frames of its
+    column. One decoding step: one query against the t cached frames on every head (the patterns are masks)."""
+    c, heads, stride = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads"), args.stride
+    d = c // heads
+    if step:
+        return 4 * c * c + 2 * keys * c
+    window = stride if side == "decoder" else 2 * stride - 1
+    rows = -(-queries // stride)
+    local, strided = heads - heads // 2, heads // 2
+    return queries * 4 * c * c + 2 * queries * window * d * local + 2 * rows * stride * rows * d * strided
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
