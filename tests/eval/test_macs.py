@@ -219,9 +219,12 @@ def test_hand_count_on_tiny_model(arch):
         reference_decode_macs(args, 7, 6, beam=3, vocab=len(model.decoder.dictionary))
 
 
-@pytest.mark.parametrize("arch,overrides", [("flash_quad_100m", {}),
-                                            ("flash_100m", {"chunk_size": 4}),  # 7 and 5 frames: a padded chunk
-                                            ("fastformer_100m", {})])
+GAU_FASTFORMER_ARCHS = [("flash_quad_100m", {}),
+                        ("flash_100m", {"chunk_size": 4}),  # 7 and 5 frames: a padded chunk
+                        ("fastformer_100m", {})]
+
+
+@pytest.mark.parametrize("arch,overrides", GAU_FASTFORMER_ARCHS)
 def test_hand_count_gau_and_fastformer_tiny(arch, overrides):
     model = tiny_model(arch, **overrides)
     with warnings.catch_warnings(record=True) as caught:
