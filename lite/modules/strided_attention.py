@@ -194,14 +194,13 @@ class StridedAttention(nn.Module):
         out = x.new_zeros(batch, length, self.embed_dim)
         for b in range(batch):
             frames = [j for j in range(length) if real[b, j]]
-            for i, pi in zip(frames, range(len(frames))):
+            for pi, i in enumerate(frames):  # pi: the query's position, pj: a key's
                 heads = []
                 for h in range(self.num_heads):
-                    if h < self.local_heads:
-                        admits = lambda pj: abs(pi - pj) < self.stride  # noqa: E731
-                    else:
-                        admits = lambda pj: (pi - pj) % self.stride == 0  # noqa: E731
-                    keys = [j for pj, j in enumerate(frames) if admits(pj) and (pj <= pi or not self.causal)]
+                    local = h < self.local_heads
+                    keys = [j for pj, j in enumerate(frames)
+                            if (abs(pi - pj) < self.stride if local else (pi - pj) % self.stride == 0)
+                            and (pj <= pi or not self.causal)]
                     logits = torch.stack([q[b, i, h] @ k[b, j, h] / math.sqrt(self.head_dim) for j in keys])
                     heads.append(torch.softmax(logits, 0) @ torch.stack([v[b, j, h] for j in keys]))
                 out[b, i] = self.out_proj(torch.cat(heads))
