@@ -51,6 +51,8 @@ def base_architecture(args):
     _default(args, "synthesizer_max_len", 256)
     _default(args, "linformer_max_len", 256)
     _default(args, "linformer_k", 32)
+    _default(args, "compress_stride", 3)
+    _default(args, "stride", 4)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -150,6 +152,20 @@ def _linformer(args, dim: int) -> None:
     decoder keeps the standard causal attention."""
     _default(args, "encoder_mixer", "linformer")
     _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _memory_compressed(args, dim: int) -> None:
+    """Memory-compressed attention in the encoder's Transformer layers (FFN 4d, post-norm); it has no causal form
+    here, so the decoder keeps the standard causal attention."""
+    _default(args, "encoder_mixer", "memory_compressed")
+    _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _strided(args, dim: int) -> None:
+    """Strided sparse attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
+    _default(args, "encoder_mixer", "strided")
     _transformer(args, dim)
 
 

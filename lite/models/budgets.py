@@ -15,7 +15,7 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _linformer, _local, _lsra_wmt,
-                                      _performer, _synthesizer, _transformer)
+                                      _memory_compressed, _performer, _strided, _synthesizer, _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -54,6 +54,12 @@ FAMILIES: dict[str, Family] = {
                                  "FFN = 4 x embed, 6+6"),
     "linformer": Family(_linformer, 8, "Linformer: keys and values projected to k = 32 along the length in the "
                                        "encoder, standard causal attention in the decoder, FFN = 4 x embed, 6+6"),
+    "memory_compressed": Family(_memory_compressed, 8, "Memory-compressed attention: keys and values compressed 3-fold "
+                                                       "along the length by a strided convolution in the encoder, "
+                                                       "standard causal attention in the decoder, FFN = 4 x embed, "
+                                                       "6+6"),
+    "strided": Family(_strided, 8, "Strided attention (Sparse Transformer): half the heads see the last 4 positions, "
+                                   "half every 4th, in place of self-attention, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -69,6 +75,8 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "synthesizer_dense": {100 * M: "synthesizer_dense_100m"},
     "synthesizer_random": {100 * M: "synthesizer_random_100m"},
     "linformer": {100 * M: "linformer_100m"},
+    "memory_compressed": {100 * M: "memory_compressed_100m"},
+    "strided": {100 * M: "strided_100m"},
 }
 
 
@@ -150,3 +158,13 @@ def synthesizer_random_100m(args):  # d=144 (4 heads, N = 256): 92.7M MACs (d=15
 @register_model_architecture(MODEL, "linformer_100m")
 def linformer_100m(args):  # d=136 (4 heads, k = 32, N = 256; attention decoder): 99.3M MACs
     _linformer(args, 136)
+
+
+@register_model_architecture(MODEL, "memory_compressed_100m")
+def memory_compressed_100m(args):  # d=128 (4 heads, stride 3; attention decoder): 91.7M MACs (d=136: 103.3M)
+    _memory_compressed(args, 128)
+
+
+@register_model_architecture(MODEL, "strided_100m")
+def strided_100m(args):  # d=136 (4 heads: 2 local, 2 strided; stride 4): 95.4M MACs (d=144: 106.8M)
+    _strided(args, 136)

@@ -70,6 +70,8 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         synthesizer_max_len=getattr(args, "synthesizer_max_len", None) or 256,
         linformer_max_len=getattr(args, "linformer_max_len", None) or 256,
         linformer_k=getattr(args, "linformer_k", None) or 32,
+        compress_stride=getattr(args, "compress_stride", None) or 3,
+        stride=getattr(args, "stride", None) or 4,
     )
 
 
@@ -270,6 +272,10 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
         add("--linformer-max-len", type=int, metavar="N",
             help="Linformer (encoder only): the longest input (E, F are k x N); longer inputs are refused")
         add("--linformer-k", type=int, metavar="K", help="Linformer: the length keys and values are projected to")
+        add("--compress-stride", type=int, metavar="S",
+            help="memory-compressed attention (encoder only): kernel and stride of the key/value convolution")
+        add("--stride", type=int, metavar="S",
+            help="strided attention: local heads see the last S positions, strided heads every S-th one")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

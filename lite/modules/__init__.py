@@ -22,7 +22,9 @@ from lite.modules.linear_attention import LinearAttention, linear_attention_from
 from lite.modules.linformer import Linformer, linformer_from_spec
 from lite.modules.local_attention import LocalAttention, local_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
+from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from lite.modules.performer import performer_from_spec
+from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
 
@@ -51,6 +53,8 @@ class MixerSpec:
     synthesizer_max_len: int = 256  # Synthesizer: the longest input, N (logits over N positions)
     linformer_max_len: int = 256  # Linformer: the longest input, N (E and F are k x N)
     linformer_k: int = 32  # Linformer: the length keys and values are projected to
+    compress_stride: int = 3  # memory-compressed attention: kernel and stride of the key/value convolution
+    stride: int = 4  # strided attention: s (local heads see the last s positions, strided heads every s-th)
 
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
@@ -96,10 +100,12 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "synthesizer_dense": dense_synthesizer_from_spec,  # weights from a per-token MLP, values from the input
     "synthesizer_random": random_synthesizer_from_spec,  # learned input-free weights, values from the input
     "linformer": linformer_from_spec,  # keys and values projected along the length to k rows; encoder only
+    "memory_compressed": memory_compressed_from_spec,  # keys and values compressed by a strided conv; encoder only
+    "strided": strided_attention_from_spec,  # Sparse Transformer strided pattern: half the heads local, half strided
 }
 
 # the mixers with a causal form: those a decoder can use
-CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer"}
+CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed"}
 
 
 def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
@@ -110,4 +116,5 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 
 __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
-           "LinearAttention", "LocalAttention", "Synthesizer", "Linformer"]
+           "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
+           "MemoryCompressedAttention", "StridedAttention"]

@@ -34,7 +34,7 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
-              "linformer_100m"]
+              "linformer_100m", "memory_compressed_100m", "strided_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -59,6 +59,11 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     if mixer == "linformer":
         assert queries == keys, "Linformer serves the encoder only: a full pass"
         return queries * 4 * dim * dim + 4 * queries * args.linformer_k * dim
+    if mixer == "strided":
+        return _strided(args, side, queries, keys, step)
+    if mixer == "memory_compressed":
+        assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
+        return _memory_compressed(args, side, queries)
     if mixer in ("gau", "fastformer"):
         assert queries == keys, "the GAU and Fastformer hand counts cover the full pass only"
         return (_gau if mixer == "gau" else _fastformer)(args, side, queries)
@@ -134,6 +139,30 @@ def _synthesizer(mixer: str, c: int, queries: int, keys: int) -> int:
     return macs + (queries * c * c + queries * keys * c if mixer == "synthesizer_dense" else 0)
 
 
+def _memory_compressed(args, side: str, frames: int) -> int:
+    """Memory-compressed attention (encoder) on ``frames`` frames (C channels, stride s): q, k, v and out, 4 C^2 a
+    frame; the two strided convolutions over the frames padded to whole windows, C^2 a padded frame each (C x C x s
+    taps per slot); each query against the ceil(T / s) slots, QK^T and AV: 2 C a query-slot pair."""
+    c, stride = getattr(args, f"{side}_embed_dim"), args.compress_stride
+    slots = -(-frames // stride)
+    return frames * 4 * c * c + 2 * slots * stride * c * c + 2 * frames * slots * c
+
+
+def _strided(args, side: str, queries: int, keys: int, step: bool) -> int:
+    """Strided attention (C channels in H heads of D, stride s): q, k, v and out, 4 C^2 a query. Full pass on T
+    frames: the H - H // 2 local heads, each query against a window of 2 s - 1 keys (decoder: s), QK^T and AV; the
+    H // 2 strided heads on the frames padded to G = ceil(T / s) rows, each padded frame against the G frames of its
+    column. One decoding step: one query against the t cached frames on every head (the patterns are masks)."""
+    c, heads, stride = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads"), args.stride
+    d = c // heads
+    if step:
+        return 4 * c * c + 2 * keys * c
+    window = stride if side == "decoder" else 2 * stride - 1
+    rows = -(-queries // stride)
+    local, strided = heads - heads // 2, heads // 2
+    return queries * 4 * c * c + 2 * queries * window * d * local + 2 * rows * stride * rows * d * strided
+
+
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
     """(encoder, decoder) MACs, teacher forcing, the full T x T attention matrix, no embeddings/projection."""
     ce, cd = args.encoder_embed_dim, args.decoder_embed_dim
@@ -190,9 +219,12 @@ def test_hand_count_on_tiny_model(arch):
         reference_decode_macs(args, 7, 6, beam=3, vocab=len(model.decoder.dictionary))
 
 
-@pytest.mark.parametrize("arch,overrides", [("flash_quad_100m", {}),
-                                            ("flash_100m", {"chunk_size": 4}),  # 7 and 5 frames: a padded chunk
-                                            ("fastformer_100m", {})])
+GAU_FASTFORMER_ARCHS = [("flash_quad_100m", {}),
+                        ("flash_100m", {"chunk_size": 4}),  # 7 and 5 frames: a padded chunk
+                        ("fastformer_100m", {})]
+
+
+@pytest.mark.parametrize("arch,overrides", GAU_FASTFORMER_ARCHS)
 def test_hand_count_gau_and_fastformer_tiny(arch, overrides):
     model = tiny_model(arch, **overrides)
     with warnings.catch_warnings(record=True) as caught:

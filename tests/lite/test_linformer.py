@@ -118,14 +118,14 @@ def test_the_preset_pairs_it_with_the_attention_decoder():
 
 def test_a_decoder_mixer_without_causal_form_is_refused_at_build():
     """One line, at build time (not a shape error later), naming the mechanisms that can serve in a decoder."""
-    assert CAUSAL_MIXERS == set(MIXERS) - {"linformer"}
+    assert CAUSAL_MIXERS == set(MIXERS) - {"linformer", "memory_compressed"}
     with pytest.raises(ValueError) as error:
         tiny_model("linformer_100m", decoder_mixer="linformer")
     message = str(error.value)
     assert "\n" not in message
     assert message == ("--decoder-mixer linformer: linformer has no causal form, so it cannot serve in the decoder; "
                        "mechanisms that can: attention, conv, fastformer, gau, linear, local, lsra, performer, "
-                       "synthesizer_dense, synthesizer_random")
+                       "strided, synthesizer_dense, synthesizer_random")
     # any mixer serves an encoder; unless set, the decoder takes the encoder's mixer only when it has a causal form
     assert tiny_model("transformer_d128", encoder_mixer="linformer").args.decoder_mixer == "attention"
     assert tiny_model("transformer_d128", encoder_mixer="local").args.decoder_mixer == "local"

@@ -1,0 +1,116 @@
+"""Memory-compressed attention: fast path (keys and values through a strided Conv1d) vs the per-sentence, tap-by-tap
+sums of the paper's formula, padding and left padding (windows counted from the first real token), and the refusal to
+serve in a decoder (no causal form here)."""
+import pytest
+import torch
+
+from lite.modules import CAUSAL_MIXERS, MixerSpec
+from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
+from tests.conftest import assert_close, left_padding, tiny_model
+
+STRIDE = 3
+
+
+def make_unit(stride: int = STRIDE) -> MemoryCompressedAttention:
+    """A small unit in eval mode with spread-out logits, so that the weights are far from uniform."""
+    unit = MemoryCompressedAttention(16, 2, stride).eval()
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.normal_(0.0, 0.3)
+    return unit
+
+
+@pytest.mark.parametrize("length", [1, 3, 7, 13, 33])
+def test_fast_path_matches_reference(length):
+    unit = make_unit()
+    x = torch.randn(length, 2, 16)  # [T, B, C]
+    assert_close(unit(x), unit.reference_forward(x))
+    mask = left_padding(2, length, pads=min(5, length - 1))
+    assert_close(unit(x, mask), unit.reference_forward(x, mask))
+
+
+def test_reference_is_the_textbook_formula():
+    """C = H = D = 1, stride 2, W_q = 0 (uniform weights over the slots), W_k = W_v = W_o = 1, taps (1, 10), no bias:
+    x = (1, 2, 4, 8, 16) gives slots 1 + 20, 4 + 80, 16 (+ a zeroed pad); every query averages them: 121 / 3."""
+    unit = MemoryCompressedAttention(1, 1, 2).eval()
+    with torch.no_grad():
+        unit.qkv.weight.copy_(torch.tensor([[0.0], [1.0], [1.0]]))
+        unit.qkv.bias.zero_()
+        unit.out_proj.weight.fill_(1.0)
+        unit.out_proj.bias.zero_()
+        for conv in (unit.compress_key, unit.compress_value):
+            conv.weight.copy_(torch.tensor([[[1.0, 10.0]]]))
+            conv.bias.zero_()
+    x = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0]).view(5, 1, 1)
+    want = torch.full((5, 1, 1), 121 / 3)
+    assert_close(unit.reference_forward(x), want)
+    assert_close(unit(x), want)
+
+
+def test_keys_are_compressed_stride_fold():
+    """The window boundaries are real: changing one frame changes exactly one slot (every query sees it), and a
+    sentence of 7 frames has ceil(7 / 3) = 3 slots."""
+    unit = make_unit()
+    x = torch.randn(7, 1, 16)
+    q, k, v = unit.qkv(x.transpose(0, 1)).chunk(3, dim=-1)
+    slots = unit.compress_key(torch.nn.functional.pad(k, (0, 0, 0, 2)).transpose(1, 2))  # [1, C, G]
+    assert slots.shape == (1, 16, 3)
+    changed = k.clone()
+    changed[0, 4] += 1.0  # window 1 (frames 3..5)
+    after = unit.compress_key(torch.nn.functional.pad(changed, (0, 0, 0, 2)).transpose(1, 2))
+    moved = (after - slots).abs().amax(dim=1)[0]
+    assert moved[1] > 1e-4 and moved[0] == 0 and moved[2] == 0
+
+
+def test_padded_frames_do_not_leak():
+    unit = make_unit()
+    x = torch.randn(13, 2, 16)
+    mask = left_padding(2, 13, pads=3)
+    mask[0, -2:] = True  # the first sentence is right-padded
+    y = unit(x, mask)
+    x_other = x.clone()
+    x_other[:3, 1] = 1e3 * torch.randn(3, 16)
+    x_other[-2:, 0] = 1e3 * torch.randn(2, 16)
+    assert_close(unit(x_other, mask), y)
+    assert_close(y[:3, 1], torch.zeros(3, 16))
+    assert_close(y[-2:, 0], torch.zeros(2, 16))
+
+
+def test_left_padding_changes_nothing():
+    """Windows count from the first real token: a sentence alone and left-padded compress alike (4 pads: not a
+    multiple of the stride, so windows counted from index 0 would differ)."""
+    unit = make_unit()
+    x = torch.randn(7, 1, 16)
+    padded = torch.cat([torch.randn(4, 1, 16), x])
+    mask = torch.zeros(1, 11, dtype=torch.bool)
+    mask[0, :4] = True
+    assert_close(unit(padded, mask)[4:], unit(x))
+
+
+def test_no_incremental_state_and_no_causal_build():
+    with pytest.raises(ValueError, match="no causal form"):
+        make_unit()(torch.randn(1, 1, 16), incremental_state={})
+    spec = MixerSpec(embed_dim=16, attention_heads=4, causal=True, kernel_size=3, conv_type="lightweight",
+                     conv_heads=2, conv_glu=True, weight_softmax=True, weight_dropout=0.0, attention_dropout=0.1,
+                     compress_stride=2)
+    with pytest.raises(ValueError, match="no causal form"):
+        memory_compressed_from_spec(spec)
+    assert "memory_compressed" not in CAUSAL_MIXERS
+
+
+def test_builder_reads_the_spec():
+    spec = MixerSpec(embed_dim=16, attention_heads=4, causal=False, kernel_size=3, conv_type="lightweight",
+                     conv_heads=2, conv_glu=True, weight_softmax=True, weight_dropout=0.0, attention_dropout=0.1,
+                     compress_stride=2)
+    unit = memory_compressed_from_spec(spec)
+    assert (unit.num_heads, unit.head_dim, unit.stride) == (4, 4, 2)
+    assert unit.compress_key.weight.shape == unit.compress_value.weight.shape == (16, 16, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        MemoryCompressedAttention(10, 4, 2)
+    with pytest.raises(ValueError, match="--compress-stride"):
+        MemoryCompressedAttention(16, 4, 0)
+
+
+def test_the_preset_pairs_it_with_the_attention_decoder():
+    args = tiny_model("memory_compressed_100m").args
+    assert (args.encoder_mixer, args.decoder_mixer, args.compress_stride) == ("memory_compressed", "attention", 3)
