@@ -59,7 +59,7 @@ def pruned_weights(model: nn.Module, embeddings: bool = False) -> dict[str, nn.P
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     weights, seen = {}, set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and embeddings or isinstance(module, (nn.Linear, LightweightConv)):
+        if (embeddings and isinstance(module, nn.Embedding)) or isinstance(module, (nn.Linear, LightweightConv)):
             w = module.weight
             if id(w) in seen or (id(w) in tables and not embeddings):
                 continue
