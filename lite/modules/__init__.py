@@ -56,6 +56,14 @@ class MixerSpec:
     compress_stride: int = 3  # memory-compressed attention: kernel and stride of the key/value convolution
     stride: int = 4  # strided attention: s (local heads see the last s positions, strided heads every s-th)
 
+    def check_equal_heads(self, mechanism: str) -> None:
+        """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
+        head_dim = self.attention_head_dim
+        if head_dim is not None and head_dim * self.attention_heads != self.embed_dim:
+            raise ValueError(f"{mechanism}: heads of {head_dim} channels (--*-attention-head-dim) are not supported; "
+                             f"its {self.attention_heads} heads split the {self.embed_dim} channels: leave the head "
+                             f"dim unset")
+
 
 CONVS = {"lightweight": LightweightConv, "dynamic": DynamicConv}
 

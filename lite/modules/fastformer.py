@@ -186,8 +186,5 @@ class Fastformer(nn.Module):
 
 def fastformer_from_spec(spec: MixerSpec) -> Fastformer:
     """Builder for the mixer registry; heads = the side's attention heads, of embed dim // heads channels."""
-    head_dim = spec.attention_head_dim
-    if head_dim is not None and head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"Fastformer: heads of {head_dim} channels (--*-attention-head-dim) are not supported; its "
-                         f"{spec.attention_heads} heads split the {spec.embed_dim} channels: leave the head dim unset")
+    spec.check_equal_heads("Fastformer")
     return Fastformer(spec.embed_dim, spec.attention_heads, causal=spec.causal)

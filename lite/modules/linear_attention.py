@@ -158,9 +158,5 @@ class LinearAttention(nn.Module):
 
 def linear_attention_from_spec(spec: MixerSpec) -> LinearAttention:
     """Builder for the mixer registry; heads = the side's attention heads, of embed dim // heads channels."""
-    head_dim = spec.attention_head_dim
-    if head_dim is not None and head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"linear attention: heads of {head_dim} channels (--*-attention-head-dim) are not supported; "
-                         f"its {spec.attention_heads} heads split the {spec.embed_dim} channels: leave the head dim "
-                         f"unset")
+    spec.check_equal_heads("linear attention")
     return LinearAttention(spec.embed_dim, spec.attention_heads, causal=spec.causal)

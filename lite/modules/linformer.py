@@ -108,8 +108,6 @@ def linformer_from_spec(spec: MixerSpec) -> Linformer:
     """Builder for the mixer registry: encoder only (the model refuses it in a decoder before this is called)."""
     if spec.causal:
         raise ValueError("linformer: no causal form; it serves the encoder only")
-    if spec.attention_head_dim is not None and spec.attention_head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"linformer: heads of {spec.attention_head_dim} channels (--*-attention-head-dim) are not "
-                         f"supported; its {spec.attention_heads} heads split the {spec.embed_dim} channels")
+    spec.check_equal_heads("linformer")
     return Linformer(spec.embed_dim, spec.attention_heads, spec.linformer_max_len, spec.linformer_k,
                      dropout=spec.attention_dropout)

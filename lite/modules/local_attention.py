@@ -191,8 +191,6 @@ class LocalAttention(nn.Module):
 
 def local_attention_from_spec(spec: MixerSpec) -> LocalAttention:
     """Builder for the mixer registry; heads = the side's attention heads, block = --local-block."""
-    if spec.attention_head_dim is not None and spec.attention_head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"local attention: heads of {spec.attention_head_dim} channels (--*-attention-head-dim) are "
-                         f"not supported; its {spec.attention_heads} heads split the {spec.embed_dim} channels")
+    spec.check_equal_heads("local attention")
     return LocalAttention(spec.embed_dim, spec.attention_heads, spec.local_block, causal=spec.causal,
                           dropout=spec.attention_dropout)

@@ -120,9 +120,6 @@ def memory_compressed_from_spec(spec: MixerSpec) -> MemoryCompressedAttention:
     """Builder for the mixer registry: encoder only (the model refuses it in a decoder before this is called)."""
     if spec.causal:
         raise ValueError("memory-compressed attention: no causal form; it serves the encoder only")
-    if spec.attention_head_dim is not None and spec.attention_head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"memory-compressed attention: heads of {spec.attention_head_dim} channels "
-                         f"(--*-attention-head-dim) are not supported; its {spec.attention_heads} heads split the "
-                         f"{spec.embed_dim} channels")
+    spec.check_equal_heads("memory-compressed attention")
     return MemoryCompressedAttention(spec.embed_dim, spec.attention_heads, spec.compress_stride,
                                      dropout=spec.attention_dropout)

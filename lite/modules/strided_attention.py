@@ -209,8 +209,6 @@ class StridedAttention(nn.Module):
 
 def strided_attention_from_spec(spec: MixerSpec) -> StridedAttention:
     """Builder for the mixer registry; heads = the side's attention heads, stride = --stride."""
-    if spec.attention_head_dim is not None and spec.attention_head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"strided attention: heads of {spec.attention_head_dim} channels (--*-attention-head-dim) "
-                         f"are not supported; its {spec.attention_heads} heads split the {spec.embed_dim} channels")
+    spec.check_equal_heads("strided attention")
     return StridedAttention(spec.embed_dim, spec.attention_heads, spec.stride, causal=spec.causal,
                             dropout=spec.attention_dropout)

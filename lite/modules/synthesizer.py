@@ -189,9 +189,7 @@ class Synthesizer(nn.Module):
 
 
 def _from_spec(spec: MixerSpec, kind: str) -> Synthesizer:
-    if spec.attention_head_dim is not None and spec.attention_head_dim * spec.attention_heads != spec.embed_dim:
-        raise ValueError(f"synthesizer: heads of {spec.attention_head_dim} channels (--*-attention-head-dim) are not "
-                         f"supported; its {spec.attention_heads} heads split the {spec.embed_dim} channels")
+    spec.check_equal_heads("synthesizer")
     return Synthesizer(spec.embed_dim, spec.attention_heads, spec.synthesizer_max_len, kind=kind, causal=spec.causal,
                        dropout=spec.attention_dropout)
 
