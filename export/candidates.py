@@ -3,10 +3,13 @@
 Beam search keeps at most 2 * beam candidates per sentence, and the union of each row's top 2 * beam holds the
 sentence's top 2 * beam over all its rows, so a per-row TopK in the graph is exact; on equal values ONNX's TopK
 puts the lower index first, the order export/search.py sorts by. The step then hands numpy [N, k] instead of
-[N, V]. What the search does to the log-probs before it selects, the graph does before its TopK, in the same order:
+[N, V]. What the search does to the log-probs before it selects, the graph does before its TopK, to the same values:
 
     NaN and pad -> -inf;  unk -= unk_penalty;  step >= max_len: every token but eos -> -inf;
     step < min_len: eos -> -inf
+
+(the column penalties as one bias [V] added to the rows: x + (-p) is x - p in floating point, and -inf stays
+-inf; then NaN -> -inf).
 
 from these inputs (``INPUTS``: values that leave the log-probs as they are, for a caller that only wants those):
 
@@ -40,7 +43,7 @@ def add_candidates(model, pad: int, eos: int, unk: int) -> None:
     def node(op: str, inputs: list, outputs: list, **attributes):  # named: tools (e.g. INC) key nodes by name
         return helper.make_node(op, inputs, outputs, name=f"cand/{op}_{outputs[0].split('/')[-1]}", **attributes)
 
-    g.node.extend([
+    g.node.extend([  # a penalty per column [V], one Add over [N, V]: x + (-p) is x - p to the bit
         node("Shape", ["log_probs"], ["cand/shape"]),  # [2]: N, V
         node("Gather", ["cand/shape", "cand/one"], ["cand/V"], axis=0),
         node("Range", ["cand/zero", "cand/V", "cand/one"], ["cand/column"]),  # [V]
@@ -48,19 +51,20 @@ def add_candidates(model, pad: int, eos: int, unk: int) -> None:
         node("Equal", ["cand/column", "cand/eos"], ["cand/is_eos"]),
         node("Equal", ["cand/column", "cand/unk"], ["cand/is_unk"]),
         node("Not", ["cand/is_eos"], ["cand/not_eos"]),
-        node("IsNaN", ["log_probs"], ["cand/nan"]),
-        node("Where", ["cand/nan", "cand/-inf", "log_probs"], ["cand/x0"]),  # [N, V]
-        node("Where", ["cand/is_pad", "cand/-inf", "cand/x0"], ["cand/x1"]),
-        node("Cast", ["cand/is_unk"], ["cand/unk_f"], to=TensorProto.FLOAT),
-        node("Mul", ["cand/unk_f", "unk_penalty"], ["cand/unk_cost"]),  # [V]: the penalty at unk, 0 elsewhere
-        node("Sub", ["cand/x1", "cand/unk_cost"], ["cand/x2"]),
         node("GreaterOrEqual", ["step", "max_len"], ["cand/at_max"]),
         node("And", ["cand/at_max", "cand/not_eos"], ["cand/only_eos"]),
-        node("Where", ["cand/only_eos", "cand/-inf", "cand/x2"], ["cand/x3"]),
         node("Less", ["step", "min_len"], ["cand/before_min"]),
         node("And", ["cand/before_min", "cand/is_eos"], ["cand/ban_eos"]),
-        node("Where", ["cand/ban_eos", "cand/-inf", "cand/x3"], ["cand/x4"]),
-        node("TopK", ["cand/x4", "k"], list(OUTPUTS), axis=-1, largest=1, sorted=1),
+        node("Or", ["cand/is_pad", "cand/only_eos"], ["cand/banned0"]),
+        node("Or", ["cand/banned0", "cand/ban_eos"], ["cand/banned"]),
+        node("Cast", ["cand/is_unk"], ["cand/unk_f"], to=TensorProto.FLOAT),
+        node("Mul", ["cand/unk_f", "unk_penalty"], ["cand/unk_cost"]),  # [V]: the penalty at unk, 0 elsewhere
+        node("Neg", ["cand/unk_cost"], ["cand/unk_bias"]),
+        node("Where", ["cand/banned", "cand/-inf", "cand/unk_bias"], ["cand/bias"]),  # [V]
+        node("Add", ["log_probs", "cand/bias"], ["cand/x0"]),  # [N, V]; NaN stays NaN
+        node("IsNaN", ["cand/x0"], ["cand/nan"]),
+        node("Where", ["cand/nan", "cand/-inf", "cand/x0"], ["cand/x1"]),
+        node("TopK", ["cand/x1", "k"], list(OUTPUTS), axis=-1, largest=1, sorted=1),
     ])
     g.output.extend([helper.make_tensor_value_info("cand_scores", TensorProto.FLOAT, ["batch", "k"]),
                      helper.make_tensor_value_info("cand_tokens", TensorProto.INT64, ["batch", "k"])])

@@ -6,8 +6,9 @@
     DIR/model.json                            what the runtime needs: special ids, limits, the decoder states,
                                               the validation report and the sha256 of every file
 
-The TorchScript exporter (``dynamo=False``) traces the modules as written: our convolutions build their
-windows with pad + slices, so nothing needs patching. Every graph is checked with ``onnx.checker`` and then
+The TorchScript exporter (``dynamo=False``) traces the modules as written (our convolutions build their
+windows with pad + slices), but for fairseq's attention in the decoder step, traced with constant head shapes
+(export/step_attention.py). Every graph is checked with ``onnx.checker`` and then
 validated against PyTorch (export/validate.py) before the dir is moved into place.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from export import candidates
 from export.graphs import DecoderStep, Encoder, initial_states, memory_names, state_specs
 from export.model_dir import FORMAT, GRAPHS, StateSpec, stage, write_description
 from export.ort_format import to_ort
+from export.step_attention import step_attention
 from export.validate import ExportMismatch, onnx_runner, sources, validate
 from lite.errors import LiteError
 
@@ -93,7 +95,7 @@ def export_graphs(model, out: Path) -> Dict:
         path = out / f"{graph}.onnx"
         traced = {k: [n for n in v if n not in candidates.INPUTS and n not in candidates.OUTPUTS]
                   for k, v in names[graph].items()}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), step_attention(model.decoder):
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic, expected
             torch.onnx.export(modules[graph], examples[graph], str(path), input_names=traced["inputs"],
                               output_names=traced["outputs"], dynamic_axes=axes[graph], opset_version=OPSET,

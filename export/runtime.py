@@ -40,7 +40,8 @@ class OnnxStepModel:
         self.log_probs_only = candidates.INPUTS if self.candidates else {}  # the extra inputs, passing them as is
 
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
-        """src_tokens int64 [B, S] -> memory repeated per hypothesis [B * beam, ...] and fresh states."""
+        """src_tokens int64 [B, S] -> memory repeated per hypothesis [B * beam, ...] and fresh states, bound to a
+        new I/O binding that the steps of this search reuse (only tokens, order, step and states change)."""
         mask, *memory = self.encoder.run(None, {"src_tokens": src_tokens})
         rows = src_tokens.shape[0] * beam
         value = self.ort.OrtValue.ortvalue_from_numpy
@@ -48,20 +49,25 @@ class OnnxStepModel:
                        **{n: value(np.repeat(m, beam, axis=0)) for n, m in zip(self.memory_names, memory)}}
         self.values = [value(s.initial(rows)) for s in self.states]
         self.step_index = 0
+        self.binding = self.decoder_step.io_binding()
+        for name, v in self.memory.items():
+            self.binding.bind_ortvalue_input(name, v)
+        self.extra: dict = {}  # the extra inputs, bound at the first step; kept alive here for ONNX Runtime
 
-    def _run(self, tokens: np.ndarray, order: np.ndarray, outputs: list[str], extra: dict | None = None) -> list:
+    def _run(self, tokens: np.ndarray, order: np.ndarray, outputs: list[str], extra: dict) -> list:
         """One step: feeds bound, the states advanced; returns the OrtValues of ``outputs`` (states excluded)."""
-        binding = self.decoder_step.io_binding()
+        binding = self.binding
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("step", np.array(self.step_index, dtype=np.int64))
         binding.bind_cpu_input("order", np.ascontiguousarray(order, dtype=np.int64))
-        for name, value in (extra or {}).items():
-            binding.bind_cpu_input(name, value)
-        for name, v in self.memory.items():
-            binding.bind_ortvalue_input(name, v)
+        if self.step_index == 0:  # the same for every step of a search
+            self.extra = extra
+            for name, v in extra.items():
+                binding.bind_cpu_input(name, v)
+            self.output_names = [*outputs, *(s.name + ".next" for s in self.states)]
         for state, v in zip(self.states, self.values):
             binding.bind_ortvalue_input(state.name, v)
-        for name in [*outputs, *(s.name + ".next" for s in self.states)]:
+        for name in self.output_names:  # unallocated: the states grow every step
             binding.bind_output(name, "cpu")
         self.decoder_step.run_with_iobinding(binding)
         found = binding.get_outputs()
@@ -78,8 +84,9 @@ class OnnxStepModel:
                         options: SearchOptions, k: int) -> tuple[np.ndarray, np.ndarray]:
         """As ``step``, the search's penalties and each row's top ``k`` applied in the graph: values float32 [N, k],
         tokens int64 [N, k]."""
-        extra = {"min_len": np.array(options.min_len, dtype=np.int64), "max_len": np.array(max_len, dtype=np.int64),
-                 "unk_penalty": np.array(options.unk_penalty, dtype=np.float32), "k": np.array([k], dtype=np.int64)}
+        extra = self.extra or {
+            "min_len": np.array(options.min_len, dtype=np.int64), "max_len": np.array(max_len, dtype=np.int64),
+            "unk_penalty": np.array(options.unk_penalty, dtype=np.float32), "k": np.array([k], dtype=np.int64)}
         scores, tokens_ = self._run(tokens, order, list(candidates.OUTPUTS), extra)
         return scores.numpy(), tokens_.numpy()
 

@@ -57,7 +57,8 @@ class _DepthwiseConv(nn.Module):
             past = x.new_zeros(self.kernel_size - 1, x.size(1), x.size(2))  # [K-1, B, C]
         window = torch.cat([past, x], dim=0)
         if incremental_state is not None:
-            self.set_incremental_state(incremental_state, "frames", window[window.size(0) - (self.kernel_size - 1):])
+            keep = window[-(self.kernel_size - 1):] if self.kernel_size > 1 else window[:0]  # constant slice bounds
+            self.set_incremental_state(incremental_state, "frames", keep)
         return window
 
     def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
@@ -129,11 +130,23 @@ class DynamicConv(_DepthwiseConv):
         return self._normalise(weight)
 
     def forward(self, x: Tensor, incremental_state: IncrementalState = None) -> Tensor:
+        if incremental_state is not None and x.size(0) == 1:
+            return self._step(x, incremental_state)
         length, batch = x.size(0), x.size(1)
         kernel = self._kernels(x)  # [T, B, H, K]
         frames = self._unfold(self._window(x, incremental_state), length)  # [T, B, C, K]
         frames = frames.view(length, batch, self.num_heads, self.channels // self.num_heads, self.kernel_size)
         y = (frames * kernel.unsqueeze(3)).sum(-1).view(length, batch, self.channels)  # [T, B, C]
+        return y if self.bias is None else y + self.bias
+
+    def _step(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
+        """One decoding step, the window as it is (no K slices) and constant shapes, so that the traced step graph
+        has a handful of nodes instead of ~3K: [1, B, C] -> [1, B, C]."""
+        heads, taps = self.num_heads, self.kernel_size
+        kernel = self._normalise(self.weight_linear(x).reshape(-1, heads, 1, taps))  # [B, H, 1, K]
+        window = self._window(x, incremental_state)  # [K, B, C]
+        frames = window.permute(1, 2, 0).reshape(-1, heads, self.channels // heads, taps)  # [B, H, R, K]
+        y = (frames * kernel).sum(-1).reshape(1, -1, self.channels)  # [1, B, C]
         return y if self.bias is None else y + self.bias
 
     def reference_forward(self, x: Tensor) -> Tensor:
