@@ -60,9 +60,7 @@ def measure(arch: str, lengths: list[int], repeat: int = 20, threads: int = 1, v
     if arch not in lite_archs():
         raise ScalingError(f"--arch {arch}: not a registered architecture (see `lite macs --markdown`)")
     model = build_arch(arch, vocab_size=vocab_size)
-    # positions, and the longest input of a mixer with a fixed maximum length (Synthesizer, Linformer: ``max_len``)
-    mixer_limits = [m.max_len for m in model.modules() if isinstance(getattr(m, "max_len", None), int)]
-    limit = min(model.encoder.max_positions(), model.decoder.max_positions(), *mixer_limits) - 2
+    limit = min(model.encoder.max_positions(), model.decoder.max_positions()) - 2  # mixers' fixed lengths included
     if max(lengths) > limit:
         raise ScalingError(f"--lengths {max(lengths)}: {arch} takes at most {limit} tokens")
     rng = np.random.default_rng(0)

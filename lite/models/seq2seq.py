@@ -135,6 +135,12 @@ class DecoderLayer(nn.Module):
         return x if self.ffn is None else self.ffn_block(x, self.ffn)
 
 
+def longest_input(layers: nn.Module, positions: int) -> int:
+    """The positions a side can read: its table's, or fewer where a mixer has a fixed maximum length (Synthesizer,
+    Linformer: ``max_len``). fairseq and both translators size and truncate inputs by it."""
+    return min([positions, *(m.max_len for m in layers.modules() if isinstance(getattr(m, "max_len", None), int))])
+
+
 def _embed(tokens: Tensor, positions: Tensor, embed_tokens: nn.Embedding, dropout: float, training: bool) -> Tensor:
     """Scaled token embedding + positions: B x L -> L x B x C."""
     x = math.sqrt(embed_tokens.embedding_dim) * embed_tokens(tokens) + positions
@@ -175,7 +181,7 @@ class LiteEncoder(FairseqEncoder):
         }
 
     def max_positions(self) -> int:
-        return self.max_source_positions
+        return longest_input(self.layers, self.max_source_positions)
 
 
 class LiteDecoder(FairseqIncrementalDecoder):
@@ -235,7 +241,7 @@ class LiteDecoder(FairseqIncrementalDecoder):
         return self.output_projection(features)
 
     def max_positions(self) -> int:
-        return self.max_target_positions
+        return longest_input(self.layers, self.max_target_positions)
 
 
 @register_model("lite_transformer")

@@ -139,3 +139,10 @@ def test_lite_train_refuses_it_before_fairseq_starts(tmp_path):
     with pytest.raises(ConfigError, match="^--decoder-mixer linformer: linformer has no causal form"):
         train(config)
     assert not (tmp_path / "ck").exists()
+
+
+def test_the_encoder_reads_at_most_max_len_positions():
+    """The encoder reports the Linformer's length as its max positions (translators truncate sources there); the
+    attention decoder keeps its own."""
+    model = tiny_model("linformer_100m", linformer_max_len=8, linformer_k=3)
+    assert model.encoder.max_positions() == 8 and model.decoder.max_positions() == model.decoder.max_target_positions

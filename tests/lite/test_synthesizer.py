@@ -6,7 +6,7 @@ import torch
 from lite.modules import MixerSpec
 from lite.modules.synthesizer import (STATE_NAMES, Synthesizer, dense_synthesizer_from_spec,
                                       random_synthesizer_from_spec, real_positions)
-from tests.conftest import assert_close, left_padding
+from tests.conftest import assert_close, left_padding, tiny_model
 
 MAX_LEN = 80
 KINDS = ["dense", "random"]
@@ -159,3 +159,13 @@ def test_builders_read_the_spec():
         Synthesizer(10, 4, 8, kind="dense", causal=False)
     with pytest.raises(ValueError, match="--synthesizer-max-len"):
         Synthesizer(16, 4, 0, kind="dense", causal=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_model_reads_at_most_max_len_positions(kind):
+    """Encoder and decoder report the mixer's length as their max positions (translators truncate sources there, the
+    search stops there); a teacher-forced pass of exactly that length runs."""
+    model = tiny_model(f"synthesizer_{kind}_100m", synthesizer_max_len=8)
+    assert model.max_positions() == (8, 8)
+    tokens = torch.randint(4, 40, (2, 8))
+    assert model(tokens, torch.full((2,), 8), tokens)[0].shape == (2, 8, len(model.decoder.dictionary))
