@@ -9,7 +9,8 @@ puts the lower index first, the order export/search.py sorts by. The step then h
     step < min_len: eos -> -inf
 
 (the column penalties as one bias [V] added to the rows: x + (-p) is x - p in floating point, and -inf stays
--inf; then NaN -> -inf).
+-inf; NaN -> -inf after the TopK, on [N, k]: a NaN log-prob comes with a NaN row, see below). The graph's
+``log_probs`` come from LogSoftmax, whose rows are all NaN where any entry is (a NaN or +inf logit).
 
 from these inputs (``INPUTS``: values that leave the log-probs as they are, for a caller that only wants those):
 
@@ -40,6 +41,8 @@ def add_candidates(model, pad: int, eos: int, unk: int) -> None:
     consts = {"cand/pad": pad, "cand/eos": eos, "cand/unk": unk, "cand/zero": 0, "cand/one": 1}
     g.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in consts.items())
     g.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "cand/-inf"))
+    g.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), "cand/first"),
+                          numpy_helper.from_array(np.array([0], dtype=np.int64), "cand/axis0")])
     def node(op: str, inputs: list, outputs: list, **attributes):  # named: tools (e.g. INC) key nodes by name
         return helper.make_node(op, inputs, outputs, name=f"cand/{op}_{outputs[0].split('/')[-1]}", **attributes)
 
@@ -61,10 +64,16 @@ def add_candidates(model, pad: int, eos: int, unk: int) -> None:
         node("Mul", ["cand/unk_f", "unk_penalty"], ["cand/unk_cost"]),  # [V]: the penalty at unk, 0 elsewhere
         node("Neg", ["cand/unk_cost"], ["cand/unk_bias"]),
         node("Where", ["cand/banned", "cand/-inf", "cand/unk_bias"], ["cand/bias"]),  # [V]
-        node("Add", ["log_probs", "cand/bias"], ["cand/x0"]),  # [N, V]; NaN stays NaN
-        node("IsNaN", ["cand/x0"], ["cand/nan"]),
-        node("Where", ["cand/nan", "cand/-inf", "cand/x0"], ["cand/x1"]),
-        node("TopK", ["cand/x1", "k"], list(OUTPUTS), axis=-1, largest=1, sorted=1),
+        node("Add", ["log_probs", "cand/bias"], ["cand/x"]),  # [N, V]; NaN stays NaN
+        node("TopK", ["cand/x", "k"], ["cand/top_scores", "cand/top_tokens"], axis=-1, largest=1, sorted=1),
+        # NaN -> -inf on [N, k], not [N, V]: LogSoftmax makes a row with a NaN all NaN, which fairseq makes all -inf,
+        # whose top k are -inf at tokens 0 .. k-1 (equal values: lower index first)
+        node("Gather", ["cand/top_scores", "cand/first"], ["cand/best"], axis=1),  # [N, 1]
+        node("IsNaN", ["cand/best"], ["cand/nan_row"]),
+        node("Squeeze", ["k", "cand/axis0"], ["cand/k_scalar"]),
+        node("Range", ["cand/zero", "cand/k_scalar", "cand/one"], ["cand/first_k"]),  # [k]
+        node("Where", ["cand/nan_row", "cand/-inf", "cand/top_scores"], ["cand_scores"]),
+        node("Where", ["cand/nan_row", "cand/first_k", "cand/top_tokens"], ["cand_tokens"]),
     ])
     g.output.extend([helper.make_tensor_value_info("cand_scores", TensorProto.FLOAT, ["batch", "k"]),
                      helper.make_tensor_value_info("cand_tokens", TensorProto.INT64, ["batch", "k"])])

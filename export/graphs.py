@@ -158,6 +158,7 @@ class DecoderStep(nn.Module):
     def __init__(self, decoder: nn.Module, specs: List[StateSpec]):
         super().__init__()
         self.decoder, self.specs = decoder, specs
+        self.vocab = decoder.output_projection.out_features  # a constant in the graph
         self.crosses = cross_attentions(decoder)
         self.owners = dict(decoder.named_modules())
 
@@ -172,7 +173,8 @@ class DecoderStep(nn.Module):
             _put(incremental, self.owners[spec.module], spec.key, spec.field, tensor)
         self.decoder.reorder_incremental_state_scripting(incremental, order)  # cross attention keeps its memory
         features = self.decoder.decode_step(tokens, step, incremental)  # [N, 1, C]
-        log_probs = F.log_softmax(self.decoder.output_layer(features)[:, 0].float(), dim=-1)  # [N, V]
+        logits = self.decoder.output_layer(features).reshape(-1, self.vocab)  # [N, V]: a view, where [:, 0] copies
+        log_probs = F.log_softmax(logits.float(), dim=-1)
         return log_probs, [_get(incremental, self.owners[s.module], s.key, s.field) for s in self.specs]
 
     def forward(self, tokens: Tensor, step: Tensor, order: Tensor, encoder_padding_mask: Tensor,
