@@ -1,0 +1,86 @@
+"""The README's table of token mixers side by side (``lite macs --mechanisms [--run-dir runs/multi30k_100m]``):
+paper, where each can serve, what a decoding step keeps, MACs at its 100M preset and, from a pipeline run, the
+preset's BLEU (fp32, the run's test split) and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50).
+
+Every mixer in ``lite.modules.MIXERS`` needs its row here (tests/eval/test_mechanisms.py checks).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.macs import paper_macs
+from eval.macs_protocol import VOCAB_SIZE
+from eval.macs_table import millions
+from lite.models.factory import build_arch
+from lite.modules import CAUSAL_MIXERS
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    mixer: str  # its name in MIXERS (--encoder-mixer / --decoder-mixer)
+    paper: str
+    state: str  # what one decoding step keeps: grows with t (O(t)) or not (O(1)); "" when encoder only
+    presets: tuple[str, ...]  # the 100M presets built on it (none: a building block only)
+
+
+MECHANISMS = (
+    Mechanism("attention", "Vaswani et al. 2017, Transformer", "O(t): keys/values", ("transformer_100m",)),
+    Mechanism("lsra", "Wu et al. 2020, Lite Transformer (LSRA)", "O(t): half-width keys/values + K-1 frames",
+              ("lsra_100m",)),
+    Mechanism("conv", "Wu et al. 2019, lightweight/dynamic convolution", "O(1): K-1 frames", ()),
+    Mechanism("gau", "Hua et al. 2022, FLASH (gated attention unit)",
+              "FLASH-Quad O(t): keys/values; FLASH O(1): current chunk + linear state",
+              ("flash_quad_100m", "flash_100m")),
+    Mechanism("fastformer", "Wu et al. 2021, Fastformer", "O(1): running sums", ("fastformer_100m",)),
+    Mechanism("linear", "Katharopoulos et al. 2020, Linear Transformer", "O(1): S = sum phi(k) v^T, z",
+              ("linear_100m",)),
+    Mechanism("performer", "Choromanski et al. 2021, Performer (FAVOR+)", "O(1): S, z", ("performer_100m",)),
+    Mechanism("local", "Parmar et al. 2018, Image Transformer (1-D local)", "O(1): last 2 blocks",
+              ("local_100m",)),
+    Mechanism("synthesizer_dense", "Tay et al. 2020, Synthesizer (dense)", "O(t): values",
+              ("synthesizer_dense_100m",)),
+    Mechanism("synthesizer_random", "Tay et al. 2020, Synthesizer (random)", "O(t): values",
+              ("synthesizer_random_100m",)),
+    Mechanism("linformer", "Wang et al. 2020, Linformer", "", ("linformer_100m",)),
+    Mechanism("memory_compressed", "Liu et al. 2018, memory-compressed attention", "", ("memory_compressed_100m",)),
+    Mechanism("strided", "Child et al. 2019, Sparse Transformer (strided)", "O(t): keys/values", ("strided_100m",)),
+)
+
+
+def run_figures(run_dir: str | Path | None) -> dict[str, dict]:
+    """{arch: {"bleu", "latency_ms"}} from a pipeline run's ``report/summary.json``: fp32 BLEU, and the int8 ONNX
+    latency at 1 thread where the int8 model is that one (not a pruned one, which has fewer MACs); empty without a
+    run dir."""
+    if run_dir is None:
+        return {}
+    summary = json.loads((Path(run_dir) / "report" / "summary.json").read_text(encoding="utf-8"))
+    figures = {}
+    for name, stage in summary["stages"].items():
+        family, kind = name.split("/", 1)
+        if kind == "fp32":
+            same = summary["stages"].get(f"{family}/int8", {}).get("macs") == stage.get("macs")
+            backend = summary["backends"].get(f"onnx:{family}/int8@1", {}) if same else {}
+            figures[stage["arch"]] = {"bleu": stage["bleu"], "latency_ms": backend.get("latency_ms_p50")}
+    return figures
+
+
+def markdown_table(run_dir: str | Path | None = None) -> str:
+    figures = run_figures(run_dir)
+    rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | "
+            "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|"]
+    for m in MECHANISMS:
+        decoder = "yes" if m.mixer in CAUSAL_MIXERS else "no (its preset's decoder: attention)"
+        for preset in m.presets or ("",):
+            macs = millions(paper_macs(build_arch(preset, VOCAB_SIZE)).total) if preset else "–"
+            found = figures.get(preset, {})
+            bleu, latency = found.get("bleu"), found.get("latency_ms")
+            rows.append(f"| `{m.mixer}` | {m.paper} | yes | {decoder} | {m.state or '–'} | "
+                        f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | "
+                        f"{'–' if bleu is None else f'{bleu:.2f}'} | {'–' if latency is None else f'{latency:.1f}'} |")
+    source = f" BLEU and latency from `{run_dir}` (`lite pipeline`)." if run_dir else ""
+    note = ("\nMACs: the paper's protocol (`lite macs`). BLEU: fp32, the pipeline's test split, beam 4; latency: "
+            "int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where the run has no such model."
+            f"{source} Generated by `lite macs --mechanisms`.")
+    return "\n".join(rows) + "\n" + note

@@ -1,0 +1,46 @@
+"""The token mixers' table: a row for every registered mixer, MACs from the counter, a run's figures where it has
+the preset, and the CLI."""
+import json
+
+from eval.macs import paper_macs
+from eval.mechanisms import MECHANISMS, run_figures
+from lite.models.factory import build_arch
+from lite.modules import MIXERS
+from tests.conftest import LITE, run
+
+
+def test_every_registered_mixer_has_a_row():
+    assert sorted(m.mixer for m in MECHANISMS) == sorted(MIXERS)
+
+
+def _summary(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "summary.json").write_text(json.dumps({
+        "stages": {"local/fp32": {"bleu": 31.25, "arch": "local_100m", "macs": 98},
+                   "local/int8": {"bleu": 31.0, "arch": "local_100m", "macs": 98},
+                   "lsra/fp32": {"bleu": 30.0, "arch": "lsra_100m", "macs": 97},
+                   "lsra/int8": {"bleu": 29.0, "arch": "lsra_100m", "macs": 78}},  # int8 of a pruned model
+        "backends": {"onnx:local/int8@1": {"latency_ms_p50": 41.27}, "onnx:local/int8@2": {"latency_ms_p50": 60.0},
+                     "onnx:lsra/int8@1": {"latency_ms_p50": 40.0}}}))
+    return tmp_path
+
+
+def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
+    """Through the CLI (one table: each preset is built and counted once)."""
+    out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path))])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
+    assert len(rows) == sum(max(len(m.presets), 1) for m in MECHANISMS)
+    assert f"{paper_macs(build_arch('local_100m', 10_000)).total / 1e6:.1f}M" in rows["`local_100m`"]
+    assert "| 31.25 | 41.3 |" in rows["`local_100m`"]  # fp32 BLEU, int8 latency at 1 thread
+    assert rows["`strided_100m`"].endswith("| – | – |")  # not in the run
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # its int8 is another (pruned) model
+    assert "| no (its preset's decoder: attention) |" in rows["`linformer_100m`"]
+    assert "| yes | yes |" in rows["`local_100m`"]
+    assert run_figures(None) == {}
+
+
+def test_run_dir_needs_mechanisms(tmp_path):
+    refused = run([*LITE, "macs", "--arch", "local_100m", "--run-dir", str(tmp_path)])
+    assert refused.returncode == 2 and "--run-dir goes with --mechanisms" in refused.stderr
