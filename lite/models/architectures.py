@@ -53,6 +53,8 @@ def base_architecture(args):
     _default(args, "linformer_k", 32)
     _default(args, "compress_stride", 3)
     _default(args, "stride", 4)
+    _default(args, "longformer_window", 4)
+    _default(args, "longformer_global", 1)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -166,6 +168,13 @@ def _memory_compressed(args, dim: int) -> None:
 def _strided(args, dim: int) -> None:
     """Strided sparse attention in place of self-attention in a Transformer layer (FFN 4d, post-norm)."""
     _default(args, "encoder_mixer", "strided")
+    _transformer(args, dim)
+
+
+def _longformer(args, dim: int) -> None:
+    """Longformer attention (sliding window + global tokens) in place of self-attention in a Transformer layer (FFN 4d,
+    post-norm)."""
+    _default(args, "encoder_mixer", "longformer")
     _transformer(args, dim)
 
 

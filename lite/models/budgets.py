@@ -14,8 +14,8 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _linformer, _local, _lsra_wmt,
-                                      _memory_compressed, _performer, _strided, _synthesizer, _transformer)
+from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _linformer, _local, _longformer,
+                                      _lsra_wmt, _memory_compressed, _performer, _strided, _synthesizer, _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -60,6 +60,8 @@ FAMILIES: dict[str, Family] = {
                                                        "6+6"),
     "strided": Family(_strided, 8, "Strided attention (Sparse Transformer): half the heads see the last 4 positions, "
                                    "half every 4th, in place of self-attention, FFN = 4 x embed, 6+6"),
+    "longformer": Family(_longformer, 8, "Longformer: a sliding window of 4 positions on each side plus the first "
+                                         "token global, in place of self-attention, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -77,6 +79,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "linformer": {100 * M: "linformer_100m"},
     "memory_compressed": {100 * M: "memory_compressed_100m"},
     "strided": {100 * M: "strided_100m"},
+    "longformer": {100 * M: "longformer_100m"},
 }
 
 
@@ -168,3 +171,8 @@ def memory_compressed_100m(args):  # d=128 (4 heads, stride 3; attention decoder
 @register_model_architecture(MODEL, "strided_100m")
 def strided_100m(args):  # d=136 (4 heads: 2 local, 2 strided; stride 4): 95.4M MACs (d=144: 106.8M)
     _strided(args, 136)
+
+
+@register_model_architecture(MODEL, "longformer_100m")
+def longformer_100m(args):  # d=136 (4 heads; window 4 each side, 1 global token): 95.5M MACs (d=144: 106.9M)
+    _longformer(args, 136)

@@ -35,6 +35,11 @@ def _kernel_sizes(value: Any, layers: int) -> List[int]:
     return sizes
 
 
+def _given(value: Any, default: int) -> int:
+    """An option's value, or ``default`` when unset (None: absent from args or from an older checkpoint); 0 stays 0."""
+    return default if value is None else value
+
+
 def mixer_heads(args, side: str) -> tuple[int, int | None]:
     """(heads, head dim or None) of a side's mixer attention: --mixer-attention-heads/-head-dim when the heads are
     set, else the side's --{side}-attention-heads/-head-dim."""
@@ -72,6 +77,8 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         linformer_k=getattr(args, "linformer_k", None) or 32,
         compress_stride=getattr(args, "compress_stride", None) or 3,
         stride=getattr(args, "stride", None) or 4,
+        longformer_window=_given(getattr(args, "longformer_window", None), 4),
+        longformer_global=_given(getattr(args, "longformer_global", None), 1),
     )
 
 
@@ -282,6 +289,10 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="memory-compressed attention (encoder only): kernel and stride of the key/value convolution")
         add("--stride", type=int, metavar="S",
             help="strided attention: local heads see the last S positions, strided heads every S-th one")
+        add("--longformer-window", type=int, metavar="W",
+            help="Longformer: a query sees the keys within W positions on each side (decoder: the last W)")
+        add("--longformer-global", type=int, metavar="G",
+            help="Longformer: the first G real tokens attend to every key and every query attends to them")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

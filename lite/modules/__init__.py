@@ -21,6 +21,7 @@ from lite.modules.gau import GAU, gau_from_spec
 from lite.modules.linear_attention import LinearAttention, linear_attention_from_spec
 from lite.modules.linformer import Linformer, linformer_from_spec
 from lite.modules.local_attention import LocalAttention, local_attention_from_spec
+from lite.modules.longformer_attention import LongformerAttention, longformer_attention_from_spec
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from lite.modules.performer import performer_from_spec
@@ -55,6 +56,8 @@ class MixerSpec:
     linformer_k: int = 32  # Linformer: the length keys and values are projected to
     compress_stride: int = 3  # memory-compressed attention: kernel and stride of the key/value convolution
     stride: int = 4  # strided attention: s (local heads see the last s positions, strided heads every s-th)
+    longformer_window: int = 4  # Longformer: w, the keys a query sees on each side (decoder: the last w)
+    longformer_global: int = 1  # Longformer: g, the first g real tokens attend to all and all attend to them
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -110,6 +113,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "linformer": linformer_from_spec,  # keys and values projected along the length to k rows; encoder only
     "memory_compressed": memory_compressed_from_spec,  # keys and values compressed by a strided conv; encoder only
     "strided": strided_attention_from_spec,  # Sparse Transformer strided pattern: half the heads local, half strided
+    "longformer": longformer_attention_from_spec,  # a sliding window of 2 w + 1 keys plus g global tokens
 }
 
 # the mixers with a causal form: those a decoder can use
@@ -125,4 +129,4 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
-           "MemoryCompressedAttention", "StridedAttention"]
+           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention"]

@@ -34,7 +34,7 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
-              "linformer_100m", "memory_compressed_100m", "strided_100m"]
+              "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -61,6 +61,8 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
         return queries * 4 * dim * dim + 4 * queries * args.linformer_k * dim
     if mixer == "strided":
         return _strided(args, side, queries, keys, step)
+    if mixer == "longformer":
+        return _longformer(args, side, queries, keys, step)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -161,6 +163,19 @@ def _strided(args, side: str, queries: int, keys: int, step: bool) -> int:
     rows = -(-queries // stride)
     local, strided = heads - heads // 2, heads // 2
     return queries * 4 * c * c + 2 * queries * window * d * local + 2 * rows * stride * rows * d * strided
+
+
+def _longformer(args, side: str, queries: int, keys: int, step: bool) -> int:
+    """Longformer attention (C channels, window w on each side, g global tokens): q, k, v and out, 4 C^2 a query.
+    Full pass on T frames: each query against its window of 2 w + 1 keys (decoder: w + 1) and the g global keys, QK^T
+    and AV: 2 C a query-key pair; the encoder's g global queries also against all T keys. One decoding step: one query
+    against the t cached frames (the pattern is a mask)."""
+    c, w, g = getattr(args, f"{side}_embed_dim"), args.longformer_window, args.longformer_global
+    if step:
+        return 4 * c * c + 2 * keys * c
+    window = w + 1 if side == "decoder" else 2 * w + 1
+    global_queries = 0 if side == "decoder" else g
+    return queries * 4 * c * c + 2 * queries * (window + g) * c + 2 * global_queries * keys * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
