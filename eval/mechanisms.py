@@ -46,6 +46,8 @@ MECHANISMS = (
     Mechanism("linformer", "Wang et al. 2020, Linformer", "", ("linformer_100m",)),
     Mechanism("memory_compressed", "Liu et al. 2018, memory-compressed attention", "", ("memory_compressed_100m",)),
     Mechanism("strided", "Child et al. 2019, Sparse Transformer (strided)", "O(t): keys/values", ("strided_100m",)),
+    Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
+              ("longformer_100m",)),
 )
 
 
