@@ -7,11 +7,13 @@ g the global tokens (``--bigbird-global``), r the random keys a query (``--bigbi
 
     q, k, v = X W_q, X W_k, X W_v                   [B, T, C] -> heads [B, H, T, D]
     i sees j when |i - j| <= w, or i < g, or j < g (the first g real tokens attend to all, all to them),
-             or j in R[i]                           R [N, r]: drawn once at build time from a fixed seed
+             or j in R[i] mod L                     R [N, r]: drawn once at build time from a fixed seed;
+                                                    L the sentence's real length
     out = W_o (heads concatenated)
 
 R is a buffer, so a checkpoint carries the pattern it was trained with (the model is deterministic and exports); its
-keys range over 0 .. N - 1, and those that fall beyond the sentence are masked. Inputs of more than N frames are
+keys range over 0 .. N - 1 and are taken modulo the sentence's length, so every random key falls inside the sentence
+(as the paper's random blocks fall inside the sequence; unwrapped, ~r L / N of them would at translation lengths). Inputs of more than N frames are
 refused (an error naming ``--bigbird-max-len``); the module's ``max_len`` caps the encoder's positions.
 
 Fast path, written here because no maintained package offers BigBird's window + global + random pattern for
@@ -94,7 +96,8 @@ class BigBirdAttention(nn.Module):
             visible = visible | (query < self.global_tokens) | (key < self.global_tokens)
         if self.random:
             rows = position.clamp(0, self.max_len - 1).flatten()  # [B T]
-            drawn = self.random_keys.index_select(0, rows).view(batch, length, self.random)  # [B, T, r]
+            lengths = real.long().sum(1).clamp(min=1).view(batch, 1, 1)  # [B, 1, 1]
+            drawn = self.random_keys.index_select(0, rows).view(batch, length, self.random) % lengths  # [B, T, r]
             hit = drawn.unsqueeze(-1) == key.unsqueeze(2)  # [B, T, r, T]: R[i] holds j
             visible = visible | hit.any(2)
         return visible & real.unsqueeze(1) & real.unsqueeze(2)  # [B, T, T]
@@ -129,7 +132,7 @@ class BigBirdAttention(nn.Module):
         for b in range(batch):
             frames = [j for j in range(length) if real[b, j]]
             for pi, i in enumerate(frames):  # pi: the query's position, pj: a key's
-                drawn = set(self.random_keys[pi].tolist())
+                drawn = {j % len(frames) for j in self.random_keys[pi].tolist()}
                 keys = [j for pj, j in enumerate(frames) if abs(pi - pj) <= w or pi < g or pj < g or pj in drawn]
                 heads = []
                 for h in range(self.num_heads):

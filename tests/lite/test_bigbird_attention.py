@@ -105,7 +105,7 @@ def test_left_padding_changes_nothing():
 
 def test_padded_frames_do_not_leak():
     """Changing what sits at padded positions (left and right) changes nothing at real positions; pads give zero;
-    random keys that fall on pads or beyond the sentence are masked."""
+    random keys beyond the sentence wrap into it (R mod L), never onto a pad."""
     unit = make_unit(random=6)  # 6 random keys over 40 positions: some fall beyond these 13 frames
     x = torch.randn(13, 2, 16)
     mask = left_padding(2, 13, pads=3)
@@ -119,6 +119,18 @@ def test_padded_frames_do_not_leak():
     assert_close(y[-2:, 0], torch.zeros(2, 16))
     assert_close(y, unit.reference_forward(x, mask))
     assert (unit.random_keys[:13] >= 11).any()  # the case is not vacuous
+
+
+def test_random_keys_wrap_into_the_sentence():
+    """R[i] = 17 in a 10-frame sentence is key 7 (17 mod 10): it reaches query 1, which sees 0..3 otherwise."""
+    unit = make_unit(window=2, global_tokens=1, random=1, max_len=20)
+    with torch.no_grad():
+        unit.random_keys[1] = torch.tensor([17])
+    x = torch.randn(10, 1, 16)
+    changed = x.clone()
+    changed[7] += 1.0
+    assert (unit(changed)[1] - unit(x)[1]).abs().max() > 1e-4
+    assert_close(unit(x), unit.reference_forward(x))
 
 
 def test_the_random_pattern_is_fixed_and_saved():
