@@ -48,6 +48,7 @@ MECHANISMS = (
     Mechanism("strided", "Child et al. 2019, Sparse Transformer (strided)", "O(t): keys/values", ("strided_100m",)),
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
+    Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
 )
 
 

@@ -55,6 +55,10 @@ def base_architecture(args):
     _default(args, "stride", 4)
     _default(args, "longformer_window", 4)
     _default(args, "longformer_global", 1)
+    _default(args, "bigbird_window", 3)
+    _default(args, "bigbird_global", 1)
+    _default(args, "bigbird_random", 2)
+    _default(args, "bigbird_max_len", 256)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -175,6 +179,14 @@ def _longformer(args, dim: int) -> None:
     """Longformer attention (sliding window + global tokens) in place of self-attention in a Transformer layer (FFN 4d,
     post-norm)."""
     _default(args, "encoder_mixer", "longformer")
+    _transformer(args, dim)
+
+
+def _bigbird(args, dim: int) -> None:
+    """BigBird attention (window + global + random keys) in the encoder's Transformer layers (FFN 4d, post-norm); it
+    has no causal form (random keys look ahead), so the decoder keeps the standard causal attention."""
+    _default(args, "encoder_mixer", "bigbird")
+    _default(args, "decoder_mixer", "attention")
     _transformer(args, dim)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from fairseq.models import register_model_architecture
 
-from lite.models.architectures import (MODEL, _fastformer, _flash, _linear, _linformer, _local, _longformer,
+from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _linear, _linformer, _local, _longformer,
                                       _lsra_wmt, _memory_compressed, _performer, _strided, _synthesizer, _transformer)
 
 M = 1_000_000
@@ -62,6 +62,9 @@ FAMILIES: dict[str, Family] = {
                                    "half every 4th, in place of self-attention, FFN = 4 x embed, 6+6"),
     "longformer": Family(_longformer, 8, "Longformer: a sliding window of 4 positions on each side plus the first "
                                          "token global, in place of self-attention, FFN = 4 x embed, 6+6"),
+    "bigbird": Family(_bigbird, 8, "BigBird: a sliding window of 3 positions on each side, the first token global and "
+                                   "2 random keys a query in the encoder, standard causal attention in the decoder, "
+                                   "FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -80,6 +83,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "memory_compressed": {100 * M: "memory_compressed_100m"},
     "strided": {100 * M: "strided_100m"},
     "longformer": {100 * M: "longformer_100m"},
+    "bigbird": {100 * M: "bigbird_100m"},
 }
 
 
@@ -176,3 +180,8 @@ def strided_100m(args):  # d=136 (4 heads: 2 local, 2 strided; stride 4): 95.4M 
 @register_model_architecture(MODEL, "longformer_100m")
 def longformer_100m(args):  # d=136 (4 heads; window 4 each side, 1 global token): 95.5M MACs (d=144: 106.9M)
     _longformer(args, 136)
+
+
+@register_model_architecture(MODEL, "bigbird_100m")
+def bigbird_100m(args):  # d=136 (4 heads; window 3, 1 global, 2 random, N = 256; attention decoder): 97.6M MACs
+    _bigbird(args, 136)

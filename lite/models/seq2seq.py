@@ -79,6 +79,10 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         stride=getattr(args, "stride", None) or 4,
         longformer_window=_given(getattr(args, "longformer_window", None), 4),
         longformer_global=_given(getattr(args, "longformer_global", None), 1),
+        bigbird_window=_given(getattr(args, "bigbird_window", None), 3),
+        bigbird_global=_given(getattr(args, "bigbird_global", None), 1),
+        bigbird_random=_given(getattr(args, "bigbird_random", None), 2),
+        bigbird_max_len=getattr(args, "bigbird_max_len", None) or 256,
     )
 
 
@@ -293,6 +297,14 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="Longformer: a query sees the keys within W positions on each side (decoder: the last W)")
         add("--longformer-global", type=int, metavar="G",
             help="Longformer: the first G real tokens attend to every key and every query attends to them")
+        add("--bigbird-window", type=int, metavar="W",
+            help="BigBird (encoder only): a query sees the keys within W positions on each side")
+        add("--bigbird-global", type=int, metavar="G",
+            help="BigBird: the first G real tokens attend to every key and every query attends to them")
+        add("--bigbird-random", type=int, metavar="R",
+            help="BigBird: R random keys a query, drawn once at build time from a fixed seed (kept in the checkpoint)")
+        add("--bigbird-max-len", type=int, metavar="N",
+            help="BigBird: the longest input (random keys are drawn for N positions); longer inputs are refused")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

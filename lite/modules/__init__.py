@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from lite.modules.attention import SelfAttention
+from lite.modules.bigbird_attention import BigBirdAttention, bigbird_attention_from_spec
 from lite.modules.conv import DynamicConv, LightweightConv
 from lite.modules.fastformer import Fastformer, fastformer_from_spec
 from lite.modules.ffn import FeedForward
@@ -58,6 +59,10 @@ class MixerSpec:
     stride: int = 4  # strided attention: s (local heads see the last s positions, strided heads every s-th)
     longformer_window: int = 4  # Longformer: w, the keys a query sees on each side (decoder: the last w)
     longformer_global: int = 1  # Longformer: g, the first g real tokens attend to all and all attend to them
+    bigbird_window: int = 3  # BigBird: w, the keys a query sees on each side
+    bigbird_global: int = 1  # BigBird: g, the first g real tokens attend to all and all attend to them
+    bigbird_random: int = 2  # BigBird: r, the random keys a query sees (drawn once, from a fixed seed)
+    bigbird_max_len: int = 256  # BigBird: the longest input, N (the random keys are drawn for N positions)
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -114,10 +119,11 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "memory_compressed": memory_compressed_from_spec,  # keys and values compressed by a strided conv; encoder only
     "strided": strided_attention_from_spec,  # Sparse Transformer strided pattern: half the heads local, half strided
     "longformer": longformer_attention_from_spec,  # a sliding window of 2 w + 1 keys plus g global tokens
+    "bigbird": bigbird_attention_from_spec,  # a window, g global tokens and r random keys a query; encoder only
 }
 
 # the mixers with a causal form: those a decoder can use
-CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed"}
+CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird"}
 
 
 def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
@@ -129,4 +135,4 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
-           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention"]
+           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention"]

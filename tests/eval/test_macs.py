@@ -34,7 +34,8 @@ PAPER_MACS = {"lsra_wmt_200": 90.7 * M, "lsra_wmt_408": 360.6 * M, "lsra_wmt_496
 PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "lsra_wmt_496": 17.28 * M}
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
-              "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m"]
+              "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
+              "bigbird_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -63,6 +64,9 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
         return _strided(args, side, queries, keys, step)
     if mixer == "longformer":
         return _longformer(args, side, queries, keys, step)
+    if mixer == "bigbird":
+        assert queries == keys, "BigBird attention serves the encoder only: a full pass"
+        return _bigbird(args, side, queries)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -176,6 +180,14 @@ def _longformer(args, side: str, queries: int, keys: int, step: bool) -> int:
     window = w + 1 if side == "decoder" else 2 * w + 1
     global_queries = 0 if side == "decoder" else g
     return queries * 4 * c * c + 2 * queries * (window + g) * c + 2 * global_queries * keys * c
+
+
+def _bigbird(args, side: str, frames: int) -> int:
+    """BigBird attention (encoder) on ``frames`` frames (C channels): q, k, v and out, 4 C^2 a frame; the pattern
+    (window, global tokens, random keys) is a mask on the dense T x T logits, so QK^T and AV cost 2 C a query-key pair
+    over all T^2 pairs, as in standard attention."""
+    c = getattr(args, f"{side}_embed_dim")
+    return frames * 4 * c * c + 2 * frames * frames * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
