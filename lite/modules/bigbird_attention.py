@@ -33,10 +33,10 @@ import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lite.modules.incremental import IncrementalState
+from lite.modules.pattern_attention import PatternAttention
 
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
@@ -50,7 +50,7 @@ def random_keys(max_len: int, count: int, seed: int = SEED) -> Tensor:
     return torch.randint(0, max_len, (max_len, count), generator=generator)
 
 
-class BigBirdAttention(nn.Module):
+class BigBirdAttention(PatternAttention):
     """Multi-head attention over a window of w frames on each side, g global tokens and r random keys a query;
     encoder only.
 
@@ -61,29 +61,15 @@ class BigBirdAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, window: int, global_tokens: int, random: int, max_len: int,
                  dropout: float = 0.0):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"bigbird attention: embed dim {embed_dim} is not divisible by {num_heads} heads")
+        super().__init__("bigbird attention", embed_dim, num_heads, causal=False, dropout=dropout)
         for flag, value in (("--bigbird-window", window), ("--bigbird-global", global_tokens),
                             ("--bigbird-random", random)):
             if value < 0:
                 raise ValueError(f"bigbird attention: {flag} must be >= 0, got {value}")
         if max_len < 1:
             raise ValueError(f"bigbird attention: --bigbird-max-len must be positive, got {max_len}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.window, self.global_tokens, self.random, self.max_len = window, global_tokens, random, max_len
-        self.dropout = dropout
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        for linear in (self.qkv, self.out_proj):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
         self.register_buffer("random_keys", random_keys(max_len, random))  # R [N, r], saved in the state dict
-
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [..., C] -> q, k, v [..., H, D]."""
-        return tuple(t.view(*t.shape[:-1], self.num_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
 
     def visibility(self, real: Tensor) -> Tensor:
         """real [B, T] bool -> [B, T, T] bool: query frame i sees key frame j (both real, the pattern above)."""
@@ -106,18 +92,14 @@ class BigBirdAttention(nn.Module):
                 incremental_state: IncrementalState = None) -> Tensor:
         if incremental_state is not None:
             raise ValueError("bigbird attention: no causal form (encoder only), so no incremental state")
-        length, batch = x.size(0), x.size(1)
+        length = x.size(0)
         if not torch.jit.is_tracing() and length > self.max_len:
             raise ValueError(f"bigbird attention: a sequence of {length} frames is longer than --bigbird-max-len "
                              f"{self.max_len}; train with a larger --bigbird-max-len")
         x = x.transpose(0, 1)  # [B, T, C]
-        real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if padding_mask is None \
-            else ~padding_mask  # [B, T]
+        real = self._real(x, padding_mask)  # [B, T]
         q, k, v = (t.transpose(1, 2) for t in self._heads(x))  # [B, H, T, D]
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, H, T, T]
-        logits = logits.masked_fill(~self.visibility(real).unsqueeze(1), torch.finfo(logits.dtype).min)
-        weights = F.dropout(torch.softmax(logits, dim=-1), p=self.dropout, training=self.training)
-        out = torch.matmul(weights, v)  # [B, H, T, D]
+        out = self._attend(q, k, v, self.visibility(real).unsqueeze(1))  # [B, H, T, D]
         out = self.out_proj(out.transpose(1, 2).flatten(2)).masked_fill(~real.unsqueeze(-1), 0.0)  # [B, T, C]
         return out.transpose(0, 1)  # [T, B, C]
 

@@ -26,14 +26,14 @@ whatever the length.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq.incremental_decoding_utils import with_incremental_state
-from torch import Tensor, nn
+from torch import Tensor
 
-from lite.modules.incremental import IncrementalState, StateSlot, reorder_batch_first
+from lite.modules.incremental import IncrementalState
+from lite.modules.pattern_attention import PatternAttention
 
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
@@ -48,8 +48,7 @@ def front_order(padding_mask: Tensor) -> Tensor:
     return torch.where(padding_mask, real.sum(1, keepdim=True) + (1 - real).cumsum(1) - 1, real.cumsum(1) - 1)
 
 
-@with_incremental_state
-class LocalAttention(nn.Module):
+class LocalAttention(PatternAttention):
     """Multi-head attention within blocks of ``block`` frames and the block before; causal in the decoder.
 
     Shape:
@@ -57,43 +56,20 @@ class LocalAttention(nn.Module):
         Output: T x B x C (zero at padded frames)
     """
 
+    STATE_NAMES = STATE_NAMES
+
     def __init__(self, embed_dim: int, num_heads: int, block: int, *, causal: bool, dropout: float = 0.0):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"local attention: embed dim {embed_dim} is not divisible by {num_heads} heads")
+        super().__init__("local attention", embed_dim, num_heads, causal=causal, dropout=dropout)
         if block < 1:
             raise ValueError(f"local attention: --local-block must be positive, got {block}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.block, self.causal, self.dropout = block, causal, dropout
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        for linear in (self.qkv, self.out_proj):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
-
-    def _heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x [..., C] -> q, k, v [..., H, D]."""
-        return tuple(t.view(*t.shape[:-1], self.num_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
-        """Softmax attention over the last two axes: q [..., Q, D], k, v [..., K, D], visible broadcasting to
-        [..., Q, K] -> [..., Q, D]."""
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
-        weights = F.dropout(torch.softmax(logits, dim=-1), p=self.dropout, training=self.training)
-        return torch.matmul(weights, v)
+        self.block = block
 
     # ---------------------------------------------------------------- full sequence
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 incremental_state: IncrementalState = None) -> Tensor:
         if incremental_state is not None:
-            if not self.causal:
-                raise ValueError("local attention: incremental_state is only for the causal (decoder) unit")
-            steps = [self._step(x[t], None if padding_mask is None else padding_mask[:, t], incremental_state)
-                     for t in range(x.size(0))]
-            return torch.stack(steps)  # [T, B, C]
+            return self._steps(x, padding_mask, incremental_state)  # [T, B, C]
         x = x.transpose(0, 1)  # [B, T, C]
         batch, length = x.shape[:2]
         if padding_mask is None:
@@ -130,10 +106,6 @@ class LocalAttention(nn.Module):
 
     # ---------------------------------------------------------------- one decoding step
 
-    def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
-        """The fresh state ``_state`` builds for itself, for ``batch`` rows."""
-        return {(name, None): t for name, t in self._state({}, like.new_zeros(batch, self.embed_dim)).items()}
-
     def _state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], x: Tensor) -> Dict[str, Tensor]:
         state = {name: self.get_incremental_state(incremental_state, name) for name in STATE_NAMES}
         if state["count"] is None:
@@ -163,9 +135,6 @@ class LocalAttention(nn.Module):
         for name, tensor in updates.items():
             self.set_incremental_state(incremental_state, name, tensor)
         return self.out_proj(out.flatten(1)).masked_fill(~real.unsqueeze(1), 0.0)
-
-    def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor):
-        reorder_batch_first(self, incremental_state, STATE_NAMES, new_order)
 
     # ---------------------------------------------------------------- readable definition
 

@@ -26,32 +26,22 @@ next frame's position). A step appends its frame and masks the cache by the same
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq.incremental_decoding_utils import with_incremental_state
-from torch import Tensor, nn
+from torch import Tensor
 
-from lite.modules.incremental import IncrementalState, StateSlot, reorder_batch_first
+from lite.modules.incremental import IncrementalState
+from lite.modules.pattern_attention import CachedPatternAttention
 
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
 
-STATE_NAMES = ("key", "value", "key_position", "count")
+STATE_NAMES = CachedPatternAttention.STATE_NAMES
 
 
-def _masked_softmax_attend(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float, dropout: float,
-                           training: bool) -> Tensor:
-    """q [..., Q, D], k, v [..., K, D], visible broadcasting to [..., Q, K] -> [..., Q, D]."""
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
-    weights = F.dropout(torch.softmax(logits, dim=-1), p=dropout, training=training)
-    return torch.matmul(weights, v)
-
-
-@with_incremental_state
-class StridedAttention(nn.Module):
+class StridedAttention(CachedPatternAttention):
     """Multi-head attention, half the heads local (the last s positions), half strided (every s-th); causal in the
     decoder.
 
@@ -61,44 +51,23 @@ class StridedAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, stride: int, *, causal: bool, dropout: float = 0.0):
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"strided attention: embed dim {embed_dim} is not divisible by {num_heads} heads")
+        super().__init__("strided attention", embed_dim, num_heads, causal=causal, dropout=dropout)
         if num_heads < 2:
             raise ValueError(f"strided attention: needs at least 2 heads (one local, one strided), got {num_heads}")
         if stride < 1:
             raise ValueError(f"strided attention: --stride must be positive, got {stride}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.local_heads = num_heads - num_heads // 2
-        self.stride, self.causal, self.dropout = stride, causal, dropout
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        for linear in (self.qkv, self.out_proj):
-            nn.init.xavier_uniform_(linear.weight)
-            nn.init.zeros_(linear.bias)
-
-    def _heads(self, x: Tensor):
-        """x [..., C] -> q, k, v [..., H, D]."""
-        return tuple(t.view(*t.shape[:-1], self.num_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
-        return _masked_softmax_attend(q, k, v, visible, self.scale, self.dropout, self.training)
+        self.stride = stride
 
     # ---------------------------------------------------------------- full sequence
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None,
                 incremental_state: IncrementalState = None) -> Tensor:
         if incremental_state is not None:
-            if not self.causal:
-                raise ValueError("strided attention: incremental_state is only for the causal (decoder) unit")
-            steps = [self._step(x[t], None if padding_mask is None else padding_mask[:, t], incremental_state)
-                     for t in range(x.size(0))]
-            return torch.stack(steps)  # [T, B, C]
+            return self._steps(x, padding_mask, incremental_state)  # [T, B, C]
         x = x.transpose(0, 1)  # [B, T, C]
         batch, length = x.shape[:2]
-        real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if padding_mask is None \
-            else ~padding_mask  # [B, T]
+        real = self._real(x, padding_mask)  # [B, T]
         q, k, v = (t.transpose(1, 2) for t in self._heads(x))  # [B, H, T, D]
         n = self.local_heads
         local = self._local(q[:, :n], k[:, :n], v[:, :n], real)  # [B, H_l, T, D]
@@ -143,45 +112,15 @@ class StridedAttention(nn.Module):
 
     # ---------------------------------------------------------------- one decoding step
 
-    def initial_state(self, batch: int, like: Tensor) -> Dict[StateSlot, Tensor]:
-        """The fresh state ``_state`` builds for itself, for ``batch`` rows."""
-        return {(name, None): t for name, t in self._state({}, like.new_zeros(batch, self.embed_dim)).items()}
-
-    def _state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], x: Tensor) -> Dict[str, Tensor]:
-        state = {name: self.get_incremental_state(incremental_state, name) for name in STATE_NAMES}
-        if state["count"] is None:
-            batch = x.size(0)
-            state = {"key": x.new_zeros(batch, self.num_heads, 0, self.head_dim),
-                     "value": x.new_zeros(batch, self.num_heads, 0, self.head_dim),
-                     "key_position": torch.zeros(batch, 0, dtype=torch.long, device=x.device),
-                     "count": torch.zeros(batch, dtype=torch.long, device=x.device)}
-        return state
-
-    def _step(self, x: Tensor, padding_mask: Optional[Tensor],
-              incremental_state: Dict[str, Dict[str, Optional[Tensor]]]) -> Tensor:
-        """One frame: x [B, C], padding mask [B] -> [B, C]; the frame joins the cache, then the patterns mask it."""
-        state = self._state(incremental_state, x)
-        real = torch.ones_like(state["count"], dtype=torch.bool) if padding_mask is None else ~padding_mask  # [B]
-        position = state["count"]  # [B]
-        q, k, v = self._heads(x)  # [B, H, D]
-        key = torch.cat([state["key"], k.unsqueeze(2)], dim=2)  # [B, H, t, D]
-        value = torch.cat([state["value"], v.unsqueeze(2)], dim=2)
-        key_position = torch.cat([state["key_position"], torch.where(real, position, -1).unsqueeze(1)], dim=1)
+    def _visible_cache(self, position: Tensor, key_position: Tensor) -> Tensor:
+        """position [B], key_position [B, t] -> [B, H, t]: local heads the last s positions, strided every s-th."""
         back = position.unsqueeze(1) - key_position  # [B, t]: i - j
         cached = key_position >= 0
         local = cached & (back < self.stride)  # [B, t]
         strided = cached & (torch.remainder(back, self.stride) == 0)
-        groups = torch.arange(self.num_heads, device=x.device) < self.local_heads  # [H]: True = a local head
+        groups = torch.arange(self.num_heads, device=position.device) < self.local_heads  # [H]: True = a local head
         groups = groups[None, :, None]  # (logical ops, not a where: ONNX Runtime has no Where on booleans)
-        visible = (groups & local[:, None, :]) | (~groups & strided[:, None, :])  # [B, H, t]
-        out = self._attend(q.unsqueeze(2), key, value, visible.unsqueeze(2))  # [B, H, 1, D]
-        updates = {"key": key, "value": value, "key_position": key_position, "count": position + real.long()}
-        for name, tensor in updates.items():
-            self.set_incremental_state(incremental_state, name, tensor)
-        return self.out_proj(out.flatten(1)).masked_fill(~real.unsqueeze(1), 0.0)
-
-    def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]], new_order: Tensor):
-        reorder_batch_first(self, incremental_state, STATE_NAMES, new_order)
+        return (groups & local[:, None, :]) | (~groups & strided[:, None, :])  # [B, H, t]
 
     # ---------------------------------------------------------------- readable definition
 
