@@ -11,7 +11,9 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # then the packages it imports (transformers: onnx_model.py imports it at the top)
 INC := onnx-neural-compressor==1.0
 INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
-TEST_DEPS := pytest hypothesis
+TEST_DEPS := pytest hypothesis pytest-xdist
+# test processes: each file on one worker (its module fixtures built once), the tiny trainings spread (tests/conftest.py)
+TEST_WORKERS ?= 2
 DEMO := runs/embedded
 
 .PHONY: install demo test clean-demo arm64-check
@@ -32,7 +34,7 @@ demo: $(STAMP)
 	echo "Ein kleiner Hund läuft über die Wiese." | $(BIN)/lite translate --backend onnx --model $(DEMO)/lsra/onnx/int8
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import re
 import shutil
@@ -36,6 +37,20 @@ def fuzz(cases: int = 1000) -> settings:
     """Hypothesis settings of every fuzz test: the same ``cases`` on every run (seeded from the test), no example
     database written, no per-case deadline (a test that bounds time asserts it itself)."""
     return settings(max_examples=cases, derandomize=True, database=None, deadline=None)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 processes on 2 cores: one thread each, children too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` a test file runs on one worker, so its module fixtures are built once;
+    a test marked with an ``xdist_group`` of its own (each family's tiny training) goes wherever a worker is free."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
