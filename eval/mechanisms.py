@@ -49,6 +49,8 @@ MECHANISMS = (
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
     Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
+    Mechanism("isab", "Lee et al. 2019, Set Transformer (ISAB; encoder only: its m inducing points summarize the "
+                      "whole sentence, so every token would read later ones)", "", ("isab_100m",)),
 )
 
 

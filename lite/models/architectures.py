@@ -59,6 +59,7 @@ def base_architecture(args):
     _default(args, "bigbird_global", 1)
     _default(args, "bigbird_random", 2)
     _default(args, "bigbird_max_len", 256)
+    _default(args, "isab_inducing_points", 8)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -186,6 +187,15 @@ def _bigbird(args, dim: int) -> None:
     """BigBird attention (window + global + random keys) in the encoder's Transformer layers (FFN 4d, post-norm); it
     has no causal form (random keys look ahead), so the decoder keeps the standard causal attention."""
     _default(args, "encoder_mixer", "bigbird")
+    _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _isab(args, dim: int) -> None:
+    """The Set Transformer's induced set attention (ISAB, m inducing points) in the encoder's Transformer layers (FFN
+    4d, post-norm); it has no causal form (the inducing points summarize the whole sentence), so the decoder keeps the
+    standard causal attention."""
+    _default(args, "encoder_mixer", "isab")
     _default(args, "decoder_mixer", "attention")
     _transformer(args, dim)
 

@@ -83,6 +83,7 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         bigbird_global=_given(getattr(args, "bigbird_global", None), 1),
         bigbird_random=_given(getattr(args, "bigbird_random", None), 2),
         bigbird_max_len=getattr(args, "bigbird_max_len", None) or 256,
+        isab_inducing_points=_given(getattr(args, "isab_inducing_points", None), 8),
     )
 
 
@@ -305,6 +306,8 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="BigBird: R random keys a query, drawn once at build time from a fixed seed (kept in the checkpoint)")
         add("--bigbird-max-len", type=int, metavar="N",
             help="BigBird: the longest input (random keys are drawn for N positions); longer inputs are refused")
+        add("--isab-inducing-points", type=int, metavar="M",
+            help="ISAB (encoder only): M learned inducing points attend to the sentence, its frames attend to them")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

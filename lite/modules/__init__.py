@@ -19,6 +19,7 @@ from lite.modules.conv import DynamicConv, LightweightConv
 from lite.modules.fastformer import Fastformer, fastformer_from_spec
 from lite.modules.ffn import FeedForward
 from lite.modules.gau import GAU, gau_from_spec
+from lite.modules.isab import InducedSetAttention, isab_from_spec
 from lite.modules.linear_attention import LinearAttention, linear_attention_from_spec
 from lite.modules.linformer import Linformer, linformer_from_spec
 from lite.modules.local_attention import LocalAttention, local_attention_from_spec
@@ -63,6 +64,7 @@ class MixerSpec:
     bigbird_global: int = 1  # BigBird: g, the first g real tokens attend to all and all attend to them
     bigbird_random: int = 2  # BigBird: r, the random keys a query sees (drawn once, from a fixed seed)
     bigbird_max_len: int = 256  # BigBird: the longest input, N (the random keys are drawn for N positions)
+    isab_inducing_points: int = 8  # ISAB: m, the learned inducing points that summarize the sentence
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -120,10 +122,11 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "strided": strided_attention_from_spec,  # Sparse Transformer strided pattern: half the heads local, half strided
     "longformer": longformer_attention_from_spec,  # a sliding window of 2 w + 1 keys plus g global tokens
     "bigbird": bigbird_attention_from_spec,  # a window, g global tokens and r random keys a query; encoder only
+    "isab": isab_from_spec,  # Set Transformer ISAB: m inducing points read the sentence, it reads them; encoder only
 }
 
 # the mixers with a causal form: those a decoder can use
-CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird"}
+CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird", "isab"}
 
 
 def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
@@ -135,4 +138,5 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
-           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention"]
+           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
+           "InducedSetAttention"]

@@ -35,7 +35,7 @@ PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "l
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
               "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
-              "bigbird_100m"]
+              "bigbird_100m", "isab_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -67,6 +67,9 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     if mixer == "bigbird":
         assert queries == keys, "BigBird attention serves the encoder only: a full pass"
         return _bigbird(args, side, queries)
+    if mixer == "isab":
+        assert queries == keys, "ISAB serves the encoder only: a full pass"
+        return _isab(args, side, queries)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -188,6 +191,15 @@ def _bigbird(args, side: str, frames: int) -> int:
     over all T^2 pairs, as in standard attention."""
     c = getattr(args, f"{side}_embed_dim")
     return frames * 4 * c * c + 2 * frames * frames * c
+
+
+def _isab(args, side: str, frames: int) -> int:
+    """ISAB (encoder) on ``frames`` frames (C channels, m inducing points): the frames' q, k, v and out, 4 C^2 a frame;
+    the inducing points' queries and the summaries' keys and values, 3 C^2 a point (the inner attention has no output
+    projection); the m x T attention of the points to the frames and the T x m attention of the frames to the
+    summaries, QK^T and AV: 2 C a point-frame pair each."""
+    c, m = getattr(args, f"{side}_embed_dim"), args.isab_inducing_points
+    return frames * 4 * c * c + m * 3 * c * c + 2 * 2 * m * frames * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
