@@ -49,6 +49,8 @@ MECHANISMS = (
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
     Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
+    Mechanism("routing", "Roy et al. 2021, Routing Transformer (k-means clusters)",
+              "O(t): keys/values + key clusters", ("routing_100m",)),
 )
 
 
