@@ -51,6 +51,8 @@ MECHANISMS = (
     Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
     Mechanism("isab", "Lee et al. 2019, Set Transformer (ISAB; encoder only: its m inducing points summarize the "
                       "whole sentence, so every token would read later ones)", "", ("isab_100m",)),
+    Mechanism("routing", "Roy et al. 2021, Routing Transformer (k-means clusters)",
+              "O(t): keys/values + key clusters", ("routing_100m",)),
 )
 
 

@@ -60,6 +60,8 @@ def base_architecture(args):
     _default(args, "bigbird_random", 2)
     _default(args, "bigbird_max_len", 256)
     _default(args, "isab_inducing_points", 8)
+    _default(args, "routing_clusters", 4)
+    _default(args, "routing_decay", 0.999)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -197,6 +199,13 @@ def _isab(args, dim: int) -> None:
     standard causal attention."""
     _default(args, "encoder_mixer", "isab")
     _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _routing(args, dim: int) -> None:
+    """Routing attention (queries and keys routed to k-means centroids, attention within a cluster) in place of
+    self-attention in a Transformer layer (FFN 4d, post-norm), encoder and decoder."""
+    _default(args, "encoder_mixer", "routing")
     _transformer(args, dim)
 
 

@@ -15,7 +15,8 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _isab, _linear, _linformer, _local,
-                                      _longformer, _lsra_wmt, _memory_compressed, _performer, _strided, _synthesizer,
+                                      _longformer, _lsra_wmt, _memory_compressed, _performer, _routing, _strided,
+                                      _synthesizer,
                                       _transformer)
 
 M = 1_000_000
@@ -69,6 +70,9 @@ FAMILIES: dict[str, Family] = {
     "isab": Family(_isab, 8, "ISAB (Set Transformer): 8 learned inducing points attend to the sentence and every "
                              "token to them in the encoder, standard causal attention in the decoder, FFN = 4 x "
                              "embed, 6+6"),
+    "routing": Family(_routing, 8, "Routing Transformer: queries and keys routed to the nearest of 4 k-means "
+                                   "centroids a head, attention within a cluster, in place of self-attention, "
+                                   "FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -89,6 +93,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "longformer": {100 * M: "longformer_100m"},
     "bigbird": {100 * M: "bigbird_100m"},
     "isab": {100 * M: "isab_100m"},
+    "routing": {100 * M: "routing_100m"},
 }
 
 
@@ -195,3 +200,6 @@ def bigbird_100m(args):  # d=136 (4 heads; window 3, 1 global, 2 random, N = 256
 @register_model_architecture(MODEL, "isab_100m")
 def isab_100m(args):  # d=136 (4 heads, m = 8 inducing points; attention decoder): 99.6M MACs (d=144: 111.4M)
     _isab(args, 136)
+@register_model_architecture(MODEL, "routing_100m")
+def routing_100m(args):  # d=136 (4 heads, 4 centroids a head, encoder and decoder): 98.0M MACs (d=144: 106.3M)
+    _routing(args, 136)

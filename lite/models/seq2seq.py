@@ -84,6 +84,8 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         bigbird_random=_given(getattr(args, "bigbird_random", None), 2),
         bigbird_max_len=getattr(args, "bigbird_max_len", None) or 256,
         isab_inducing_points=_given(getattr(args, "isab_inducing_points", None), 8),
+        routing_clusters=_given(getattr(args, "routing_clusters", None), 4),
+        routing_decay=_given(getattr(args, "routing_decay", None), 0.999),
     )
 
 
@@ -308,6 +310,10 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="BigBird: the longest input (random keys are drawn for N positions); longer inputs are refused")
         add("--isab-inducing-points", type=int, metavar="M",
             help="ISAB (encoder only): M learned inducing points attend to the sentence, its frames attend to them")
+        add("--routing-clusters", type=int, metavar="N",
+            help="routing attention: N k-means centroids a head; a query attends to the keys of its nearest one")
+        add("--routing-decay", type=float, metavar="D",
+            help="routing attention: the centroids' moving-average decay in training, in [0, 1) (frozen in eval)")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

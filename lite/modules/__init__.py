@@ -27,6 +27,7 @@ from lite.modules.longformer_attention import LongformerAttention, longformer_at
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from lite.modules.performer import performer_from_spec
+from lite.modules.routing_attention import RoutingAttention, routing_attention_from_spec
 from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
@@ -65,6 +66,8 @@ class MixerSpec:
     bigbird_random: int = 2  # BigBird: r, the random keys a query sees (drawn once, from a fixed seed)
     bigbird_max_len: int = 256  # BigBird: the longest input, N (the random keys are drawn for N positions)
     isab_inducing_points: int = 8  # ISAB: m, the learned inducing points that summarize the sentence
+    routing_clusters: int = 4  # routing attention: c, the k-means centroids a head (a query sees its cluster's keys)
+    routing_decay: float = 0.999  # routing attention: lambda, the centroids' moving-average decay in training
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -123,6 +126,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "longformer": longformer_attention_from_spec,  # a sliding window of 2 w + 1 keys plus g global tokens
     "bigbird": bigbird_attention_from_spec,  # a window, g global tokens and r random keys a query; encoder only
     "isab": isab_from_spec,  # Set Transformer ISAB: m inducing points read the sentence, it reads them; encoder only
+    "routing": routing_attention_from_spec,  # Routing Transformer: keys of the query's nearest k-means centroid
 }
 
 # the mixers with a causal form: those a decoder can use
@@ -139,4 +143,4 @@ __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
            "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
-           "InducedSetAttention"]
+           "InducedSetAttention", "RoutingAttention"]

@@ -35,7 +35,7 @@ PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "l
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
               "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
-              "bigbird_100m", "isab_100m"]
+              "bigbird_100m", "isab_100m", "routing_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -70,6 +70,8 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     if mixer == "isab":
         assert queries == keys, "ISAB serves the encoder only: a full pass"
         return _isab(args, side, queries)
+    if mixer == "routing":
+        return _routing(args, side, queries, keys, step)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -200,6 +202,13 @@ def _isab(args, side: str, frames: int) -> int:
     summaries, QK^T and AV: 2 C a point-frame pair each."""
     c, m = getattr(args, f"{side}_embed_dim"), args.isab_inducing_points
     return frames * 4 * c * c + m * 3 * c * c + 2 * 2 * m * frames * c
+def _routing(args, side: str, queries: int, keys: int, step: bool) -> int:
+    """Routing attention (C channels, c centroids a head): q, k, v and out, 4 C^2 a query; each query's and each key's
+    distances to the c centroids of its head, D a centroid over H heads: c C a vector, 2 c C a frame; the cluster
+    pattern is a mask on the dense logits, so QK^T and AV cost 2 C a query-key pair over all pairs, as in standard
+    attention (the full T x T in the causal pass; one decoding step: one query against the t cached keys)."""
+    c, clusters = getattr(args, f"{side}_embed_dim"), args.routing_clusters
+    return queries * 4 * c * c + 2 * queries * clusters * c + 2 * queries * keys * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
