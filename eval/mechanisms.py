@@ -49,6 +49,8 @@ MECHANISMS = (
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
     Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
+    Mechanism("sinkhorn", "Tay et al. 2020, Sparse Sinkhorn Attention (local + sorted block)",
+              "O(t): keys/values + input frames", ("sinkhorn_100m",)),
 )
 
 

@@ -59,6 +59,9 @@ def base_architecture(args):
     _default(args, "bigbird_global", 1)
     _default(args, "bigbird_random", 2)
     _default(args, "bigbird_max_len", 256)
+    _default(args, "sinkhorn_block", 4)
+    _default(args, "sinkhorn_iterations", 5)
+    _default(args, "sinkhorn_temperature", 0.75)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -187,6 +190,13 @@ def _bigbird(args, dim: int) -> None:
     has no causal form (random keys look ahead), so the decoder keeps the standard causal attention."""
     _default(args, "encoder_mixer", "bigbird")
     _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _sinkhorn(args, dim: int) -> None:
+    """Sparse Sinkhorn attention (its block and a block sorted next to it) in place of self-attention in a Transformer
+    layer (FFN 4d, post-norm); Causal Sinkhorn Balancing in the decoder."""
+    _default(args, "encoder_mixer", "sinkhorn")
     _transformer(args, dim)
 
 

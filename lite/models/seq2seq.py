@@ -83,6 +83,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         bigbird_global=_given(getattr(args, "bigbird_global", None), 1),
         bigbird_random=_given(getattr(args, "bigbird_random", None), 2),
         bigbird_max_len=getattr(args, "bigbird_max_len", None) or 256,
+        sinkhorn_block=_given(getattr(args, "sinkhorn_block", None), 4),
+        sinkhorn_iterations=_given(getattr(args, "sinkhorn_iterations", None), 5),
+        sinkhorn_temperature=_given(getattr(args, "sinkhorn_temperature", None), 0.75),
     )
 
 
@@ -305,6 +308,12 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="BigBird: R random keys a query, drawn once at build time from a fixed seed (kept in the checkpoint)")
         add("--bigbird-max-len", type=int, metavar="N",
             help="BigBird: the longest input (random keys are drawn for N positions); longer inputs are refused")
+        add("--sinkhorn-block", type=int, metavar="B",
+            help="Sinkhorn attention (encoder only): blocks of B frames; a query sees its block and its sorted block")
+        add("--sinkhorn-iterations", type=int, metavar="K",
+            help="Sinkhorn attention: K rounds of row and column normalization of the block permutation")
+        add("--sinkhorn-temperature", type=float, metavar="TAU",
+            help="Sinkhorn attention: the SortNet's scores are divided by TAU before the normalization")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",
