@@ -46,7 +46,8 @@ ELEMENTWISE = {"aten::glu", "aten::masked_fill", "aten::triu", "aten::new_full",
                "aten::detach", "aten::embedding", "aten::new_ones", "aten::bitwise_not", "aten::log_softmax",
                "aten::pad", "aten::_shape_as_tensor", "aten::unbind", "aten::ones", "aten::remainder",
                "aten::maximum", "aten::exp", "aten::cat", "aten::stack", "aten::elu", "aten::amax",
-               "aten::narrow", "aten::scatter", "aten::__and__", "aten::__or__", "aten::tril", "aten::argmax"}
+               "aten::narrow", "aten::scatter", "aten::__and__", "aten::__or__", "aten::tril", "aten::argmax",
+               "aten::logsumexp"}
 
 
 class MacsError(LiteError, ValueError):

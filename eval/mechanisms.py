@@ -53,6 +53,8 @@ MECHANISMS = (
                       "whole sentence, so every token would read later ones)", "", ("isab_100m",)),
     Mechanism("routing", "Roy et al. 2021, Routing Transformer (k-means clusters)",
               "O(t): keys/values + key clusters", ("routing_100m",)),
+    Mechanism("sinkhorn", "Tay et al. 2020, Sparse Sinkhorn Attention (local + sorted block)",
+              "O(t): keys/values + input frames", ("sinkhorn_100m",)),
 )
 
 

@@ -62,6 +62,9 @@ def base_architecture(args):
     _default(args, "isab_inducing_points", 8)
     _default(args, "routing_clusters", 4)
     _default(args, "routing_decay", 0.999)
+    _default(args, "sinkhorn_block", 4)
+    _default(args, "sinkhorn_iterations", 5)
+    _default(args, "sinkhorn_temperature", 0.75)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -206,6 +209,13 @@ def _routing(args, dim: int) -> None:
     """Routing attention (queries and keys routed to k-means centroids, attention within a cluster) in place of
     self-attention in a Transformer layer (FFN 4d, post-norm), encoder and decoder."""
     _default(args, "encoder_mixer", "routing")
+    _transformer(args, dim)
+
+
+def _sinkhorn(args, dim: int) -> None:
+    """Sparse Sinkhorn attention (its block and a block sorted next to it) in place of self-attention in a Transformer
+    layer (FFN 4d, post-norm); Causal Sinkhorn Balancing in the decoder."""
+    _default(args, "encoder_mixer", "sinkhorn")
     _transformer(args, dim)
 
 

@@ -15,8 +15,8 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _isab, _linear, _linformer, _local,
-                                      _longformer, _lsra_wmt, _memory_compressed, _performer, _routing, _strided,
-                                      _synthesizer,
+                                      _longformer, _lsra_wmt, _memory_compressed, _performer, _routing, _sinkhorn,
+                                      _strided, _synthesizer,
                                       _transformer)
 
 M = 1_000_000
@@ -73,6 +73,10 @@ FAMILIES: dict[str, Family] = {
     "routing": Family(_routing, 8, "Routing Transformer: queries and keys routed to the nearest of 4 k-means "
                                    "centroids a head, attention within a cluster, in place of self-attention, "
                                    "FFN = 4 x embed, 6+6"),
+    "sinkhorn": Family(_sinkhorn, 8, "Sparse Sinkhorn attention: blocks of 4 tokens, each attending to itself and "
+                                     "the block a Sinkhorn-balanced soft permutation (5 iterations, temperature 0.75) "
+                                     "sorts next to it (causal balancing in the decoder), in place of self-attention, "
+                                     "FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -94,6 +98,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "bigbird": {100 * M: "bigbird_100m"},
     "isab": {100 * M: "isab_100m"},
     "routing": {100 * M: "routing_100m"},
+    "sinkhorn": {100 * M: "sinkhorn_100m"},
 }
 
 
@@ -203,3 +208,6 @@ def isab_100m(args):  # d=136 (4 heads, m = 8 inducing points; attention decoder
 @register_model_architecture(MODEL, "routing_100m")
 def routing_100m(args):  # d=136 (4 heads, 4 centroids a head, encoder and decoder): 98.0M MACs (d=144: 106.3M)
     _routing(args, 136)
+@register_model_architecture(MODEL, "sinkhorn_100m")
+def sinkhorn_100m(args):  # d=136 (4 heads; blocks of 4, K = 5, tau = 0.75): 98.2M MACs (d=144: 109.9M)
+    _sinkhorn(args, 136)

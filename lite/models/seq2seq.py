@@ -86,6 +86,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         isab_inducing_points=_given(getattr(args, "isab_inducing_points", None), 8),
         routing_clusters=_given(getattr(args, "routing_clusters", None), 4),
         routing_decay=_given(getattr(args, "routing_decay", None), 0.999),
+        sinkhorn_block=_given(getattr(args, "sinkhorn_block", None), 4),
+        sinkhorn_iterations=_given(getattr(args, "sinkhorn_iterations", None), 5),
+        sinkhorn_temperature=_given(getattr(args, "sinkhorn_temperature", None), 0.75),
     )
 
 
@@ -314,6 +317,12 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="routing attention: N k-means centroids a head; a query attends to the keys of its nearest one")
         add("--routing-decay", type=float, metavar="D",
             help="routing attention: the centroids' moving-average decay in training, in [0, 1) (frozen in eval)")
+        add("--sinkhorn-block", type=int, metavar="B",
+            help="Sinkhorn attention (encoder only): blocks of B frames; a query sees its block and its sorted block")
+        add("--sinkhorn-iterations", type=int, metavar="K",
+            help="Sinkhorn attention: K rounds of row and column normalization of the block permutation")
+        add("--sinkhorn-temperature", type=float, metavar="TAU",
+            help="Sinkhorn attention: the SortNet's scores are divided by TAU before the normalization")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

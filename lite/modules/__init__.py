@@ -28,6 +28,7 @@ from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from lite.modules.performer import performer_from_spec
 from lite.modules.routing_attention import RoutingAttention, routing_attention_from_spec
+from lite.modules.sinkhorn_attention import SinkhornAttention, sinkhorn_attention_from_spec
 from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
@@ -68,6 +69,9 @@ class MixerSpec:
     isab_inducing_points: int = 8  # ISAB: m, the learned inducing points that summarize the sentence
     routing_clusters: int = 4  # routing attention: c, the k-means centroids a head (a query sees its cluster's keys)
     routing_decay: float = 0.999  # routing attention: lambda, the centroids' moving-average decay in training
+    sinkhorn_block: int = 4  # Sinkhorn attention: b, the block size (a query sees its block and its sorted block)
+    sinkhorn_iterations: int = 5  # Sinkhorn attention: K, the rounds of row and column normalization
+    sinkhorn_temperature: float = 0.75  # Sinkhorn attention: tau, the SortNet's scores are divided by it
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -127,6 +131,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "bigbird": bigbird_attention_from_spec,  # a window, g global tokens and r random keys a query; encoder only
     "isab": isab_from_spec,  # Set Transformer ISAB: m inducing points read the sentence, it reads them; encoder only
     "routing": routing_attention_from_spec,  # Routing Transformer: keys of the query's nearest k-means centroid
+    "sinkhorn": sinkhorn_attention_from_spec,  # its block and a block sorted next to it by a Sinkhorn permutation
 }
 
 # the mixers with a causal form: those a decoder can use
@@ -143,4 +148,5 @@ __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
            "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
-           "InducedSetAttention", "RoutingAttention"]
+           "InducedSetAttention", "RoutingAttention",
+           "SinkhornAttention"]

@@ -35,7 +35,7 @@ PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "l
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
               "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
-              "bigbird_100m", "isab_100m", "routing_100m"]
+              "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -72,6 +72,8 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
         return _isab(args, side, queries)
     if mixer == "routing":
         return _routing(args, side, queries, keys, step)
+    if mixer == "sinkhorn":
+        return _sinkhorn(args, side, queries, keys, step)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -209,6 +211,20 @@ def _routing(args, side: str, queries: int, keys: int, step: bool) -> int:
     attention (the full T x T in the causal pass; one decoding step: one query against the t cached keys)."""
     c, clusters = getattr(args, f"{side}_embed_dim"), args.routing_clusters
     return queries * 4 * c * c + 2 * queries * clusters * c + 2 * queries * keys * c
+def _sinkhorn(args, side: str, queries: int, keys: int, step: bool) -> int:
+    """Sparse Sinkhorn attention (C channels, blocks of b): q, k, v and out, 4 C^2 a query; the SortNet, W_s on the N
+    block (decoder: earlier-block mean) embeddings, C^2 a block, and the N x N bilinear scores, C a pair. Full pass on
+    T frames, N = ceil(T / b): the sorted keys and values, P times the blocks' b C channels, N^2 b C each; each padded
+    frame's query against its 2 b keys (its block and its sorted block, causal or not), QK^T and AV: 2 x 2 b C. One
+    decoding step with t frames cached, N = ceil(t / b): the SortNet again over the N blocks, the current block's row
+    of P times the blocks, 2 N b C, and the query against 2 b keys. The K Sinkhorn iterations (logsumexp, subtraction)
+    and the block sums are additions and exponentials: no MACs."""
+    c, block = getattr(args, f"{side}_embed_dim"), args.sinkhorn_block
+    blocks = -(-keys // block)
+    sortnet = blocks * c * c + blocks * blocks * c
+    if step:
+        return 4 * c * c + sortnet + 2 * blocks * block * c + 2 * 2 * block * c
+    return queries * 4 * c * c + sortnet + 2 * blocks * blocks * block * c + 2 * blocks * block * 2 * block * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
