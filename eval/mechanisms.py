@@ -49,6 +49,8 @@ MECHANISMS = (
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
     Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
+    Mechanism("poolingformer", "Zhang et al. 2021, Poolingformer (window + pooled window)", "",
+              ("poolingformer_100m",)),
 )
 
 

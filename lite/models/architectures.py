@@ -59,6 +59,9 @@ def base_architecture(args):
     _default(args, "bigbird_global", 1)
     _default(args, "bigbird_random", 2)
     _default(args, "bigbird_max_len", 256)
+    _default(args, "poolingformer_window", 4)
+    _default(args, "poolingformer_pool_window", 16)
+    _default(args, "poolingformer_pool", 4)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -186,6 +189,15 @@ def _bigbird(args, dim: int) -> None:
     """BigBird attention (window + global + random keys) in the encoder's Transformer layers (FFN 4d, post-norm); it
     has no causal form (random keys look ahead), so the decoder keeps the standard causal attention."""
     _default(args, "encoder_mixer", "bigbird")
+    _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _poolingformer(args, dim: int) -> None:
+    """Poolingformer attention (a window, then pooled keys/values in a wider window) in the encoder's Transformer
+    layers (FFN 4d, post-norm); it has no causal form (the pooled windows look ahead), so the decoder keeps the
+    standard causal attention."""
+    _default(args, "encoder_mixer", "poolingformer")
     _default(args, "decoder_mixer", "attention")
     _transformer(args, dim)
 

@@ -15,7 +15,8 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _linear, _linformer, _local, _longformer,
-                                      _lsra_wmt, _memory_compressed, _performer, _strided, _synthesizer, _transformer)
+                                      _lsra_wmt, _memory_compressed, _performer, _poolingformer, _strided, _synthesizer,
+                                      _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -65,6 +66,10 @@ FAMILIES: dict[str, Family] = {
     "bigbird": Family(_bigbird, 8, "BigBird: a sliding window of 3 positions on each side, the first token global and "
                                    "2 random keys a query in the encoder, standard causal attention in the decoder, "
                                    "FFN = 4 x embed, 6+6"),
+    "poolingformer": Family(_poolingformer, 8, "Poolingformer: a sliding window of 4 positions on each side, then "
+                                               "attention over pools of 4 within 16 positions on each side, in the "
+                                               "encoder, standard causal attention in the decoder, FFN = 4 x embed, "
+                                               "6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -84,6 +89,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "strided": {100 * M: "strided_100m"},
     "longformer": {100 * M: "longformer_100m"},
     "bigbird": {100 * M: "bigbird_100m"},
+    "poolingformer": {100 * M: "poolingformer_100m"},
 }
 
 
@@ -185,3 +191,9 @@ def longformer_100m(args):  # d=136 (4 heads; window 4 each side, 1 global token
 @register_model_architecture(MODEL, "bigbird_100m")
 def bigbird_100m(args):  # d=136 (4 heads; window 3, 1 global, 2 random, N = 256; attention decoder): 97.6M MACs
     _bigbird(args, 136)
+
+
+@register_model_architecture(MODEL, "poolingformer_100m")
+def poolingformer_100m(args):  # d=128 (4 heads; w1 4, w2 16, pools of 4; attention decoder): 95.1M MACs (d=136:
+    # 107.1M)
+    _poolingformer(args, 128)

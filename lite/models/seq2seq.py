@@ -83,6 +83,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         bigbird_global=_given(getattr(args, "bigbird_global", None), 1),
         bigbird_random=_given(getattr(args, "bigbird_random", None), 2),
         bigbird_max_len=getattr(args, "bigbird_max_len", None) or 256,
+        poolingformer_window=_given(getattr(args, "poolingformer_window", None), 4),
+        poolingformer_pool_window=_given(getattr(args, "poolingformer_pool_window", None), 16),
+        poolingformer_pool=_given(getattr(args, "poolingformer_pool", None), 4),
     )
 
 
@@ -305,6 +308,12 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="BigBird: R random keys a query, drawn once at build time from a fixed seed (kept in the checkpoint)")
         add("--bigbird-max-len", type=int, metavar="N",
             help="BigBird: the longest input (random keys are drawn for N positions); longer inputs are refused")
+        add("--poolingformer-window", type=int, metavar="W1",
+            help="Poolingformer (encoder only): the first level's sliding window, W1 positions on each side")
+        add("--poolingformer-pool-window", type=int, metavar="W2",
+            help="Poolingformer: the second level attends to the pools holding a position within W2 on each side")
+        add("--poolingformer-pool", type=int, metavar="K",
+            help="Poolingformer: the second level's keys and values pooled by a strided conv, kernel = stride = K")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

@@ -26,6 +26,7 @@ from lite.modules.longformer_attention import LongformerAttention, longformer_at
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from lite.modules.performer import performer_from_spec
+from lite.modules.poolingformer import PoolingformerAttention, poolingformer_from_spec
 from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
@@ -63,6 +64,9 @@ class MixerSpec:
     bigbird_global: int = 1  # BigBird: g, the first g real tokens attend to all and all attend to them
     bigbird_random: int = 2  # BigBird: r, the random keys a query sees (drawn once, from a fixed seed)
     bigbird_max_len: int = 256  # BigBird: the longest input, N (the random keys are drawn for N positions)
+    poolingformer_window: int = 4  # Poolingformer: w1, the first level's window on each side
+    poolingformer_pool_window: int = 16  # Poolingformer: w2, the second level's (pooled) window on each side
+    poolingformer_pool: int = 4  # Poolingformer: k, the pooling's kernel and stride
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -120,10 +124,11 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "strided": strided_attention_from_spec,  # Sparse Transformer strided pattern: half the heads local, half strided
     "longformer": longformer_attention_from_spec,  # a sliding window of 2 w + 1 keys plus g global tokens
     "bigbird": bigbird_attention_from_spec,  # a window, g global tokens and r random keys a query; encoder only
+    "poolingformer": poolingformer_from_spec,  # a window, then pooled keys/values in a wider one; encoder only
 }
 
 # the mixers with a causal form: those a decoder can use
-CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird"}
+CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird", "poolingformer"}
 
 
 def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
@@ -135,4 +140,5 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
-           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention"]
+           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
+           "PoolingformerAttention"]
