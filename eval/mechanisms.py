@@ -55,6 +55,8 @@ MECHANISMS = (
               "O(t): keys/values + key clusters", ("routing_100m",)),
     Mechanism("sinkhorn", "Tay et al. 2020, Sparse Sinkhorn Attention (local + sorted block)",
               "O(t): keys/values + input frames", ("sinkhorn_100m",)),
+    Mechanism("poolingformer", "Zhang et al. 2021, Poolingformer (window + pooled window)", "",
+              ("poolingformer_100m",)),
 )
 
 

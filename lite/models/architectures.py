@@ -65,6 +65,9 @@ def base_architecture(args):
     _default(args, "sinkhorn_block", 4)
     _default(args, "sinkhorn_iterations", 5)
     _default(args, "sinkhorn_temperature", 0.75)
+    _default(args, "poolingformer_window", 4)
+    _default(args, "poolingformer_pool_window", 16)
+    _default(args, "poolingformer_pool", 4)
     _default(args, "dropout", 0.1)
     _default(args, "attention_dropout", 0.0)
     _default(args, "weight_dropout", args.attention_dropout)
@@ -201,6 +204,15 @@ def _isab(args, dim: int) -> None:
     4d, post-norm); it has no causal form (the inducing points summarize the whole sentence), so the decoder keeps the
     standard causal attention."""
     _default(args, "encoder_mixer", "isab")
+    _default(args, "decoder_mixer", "attention")
+    _transformer(args, dim)
+
+
+def _poolingformer(args, dim: int) -> None:
+    """Poolingformer attention (a window, then pooled keys/values in a wider window) in the encoder's Transformer
+    layers (FFN 4d, post-norm); it has no causal form (the pooled windows look ahead), so the decoder keeps the
+    standard causal attention."""
+    _default(args, "encoder_mixer", "poolingformer")
     _default(args, "decoder_mixer", "attention")
     _transformer(args, dim)
 

@@ -15,9 +15,8 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _isab, _linear, _linformer, _local,
-                                      _longformer, _lsra_wmt, _memory_compressed, _performer, _routing, _sinkhorn,
-                                      _strided, _synthesizer,
-                                      _transformer)
+                                      _longformer, _lsra_wmt, _memory_compressed, _performer,
+                                      _poolingformer, _routing, _sinkhorn, _strided, _synthesizer, _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -77,6 +76,10 @@ FAMILIES: dict[str, Family] = {
                                      "the block a Sinkhorn-balanced soft permutation (5 iterations, temperature 0.75) "
                                      "sorts next to it (causal balancing in the decoder), in place of self-attention, "
                                      "FFN = 4 x embed, 6+6"),
+    "poolingformer": Family(_poolingformer, 8, "Poolingformer: a sliding window of 4 positions on each side, then "
+                                               "attention over pools of 4 within 16 positions on each side, in the "
+                                               "encoder, standard causal attention in the decoder, FFN = 4 x embed, "
+                                               "6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -99,6 +102,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "isab": {100 * M: "isab_100m"},
     "routing": {100 * M: "routing_100m"},
     "sinkhorn": {100 * M: "sinkhorn_100m"},
+    "poolingformer": {100 * M: "poolingformer_100m"},
 }
 
 
@@ -211,3 +215,7 @@ def routing_100m(args):  # d=136 (4 heads, 4 centroids a head, encoder and decod
 @register_model_architecture(MODEL, "sinkhorn_100m")
 def sinkhorn_100m(args):  # d=136 (4 heads; blocks of 4, K = 5, tau = 0.75): 98.2M MACs (d=144: 109.9M)
     _sinkhorn(args, 136)
+@register_model_architecture(MODEL, "poolingformer_100m")
+def poolingformer_100m(args):  # d=128 (4 heads; w1 4, w2 16, pools of 4; attention decoder): 95.1M MACs (d=136:
+    # 107.1M)
+    _poolingformer(args, 128)

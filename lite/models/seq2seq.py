@@ -89,6 +89,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         sinkhorn_block=_given(getattr(args, "sinkhorn_block", None), 4),
         sinkhorn_iterations=_given(getattr(args, "sinkhorn_iterations", None), 5),
         sinkhorn_temperature=_given(getattr(args, "sinkhorn_temperature", None), 0.75),
+        poolingformer_window=_given(getattr(args, "poolingformer_window", None), 4),
+        poolingformer_pool_window=_given(getattr(args, "poolingformer_pool_window", None), 16),
+        poolingformer_pool=_given(getattr(args, "poolingformer_pool", None), 4),
     )
 
 
@@ -323,6 +326,12 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="Sinkhorn attention: K rounds of row and column normalization of the block permutation")
         add("--sinkhorn-temperature", type=float, metavar="TAU",
             help="Sinkhorn attention: the SortNet's scores are divided by TAU before the normalization")
+        add("--poolingformer-window", type=int, metavar="W1",
+            help="Poolingformer (encoder only): the first level's sliding window, W1 positions on each side")
+        add("--poolingformer-pool-window", type=int, metavar="W2",
+            help="Poolingformer: the second level attends to the pools holding a position within W2 on each side")
+        add("--poolingformer-pool", type=int, metavar="K",
+            help="Poolingformer: the second level's keys and values pooled by a strided conv, kernel = stride = K")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

@@ -29,6 +29,7 @@ from lite.modules.memory_compressed import MemoryCompressedAttention, memory_com
 from lite.modules.performer import performer_from_spec
 from lite.modules.routing_attention import RoutingAttention, routing_attention_from_spec
 from lite.modules.sinkhorn_attention import SinkhornAttention, sinkhorn_attention_from_spec
+from lite.modules.poolingformer import PoolingformerAttention, poolingformer_from_spec
 from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
@@ -72,6 +73,9 @@ class MixerSpec:
     sinkhorn_block: int = 4  # Sinkhorn attention: b, the block size (a query sees its block and its sorted block)
     sinkhorn_iterations: int = 5  # Sinkhorn attention: K, the rounds of row and column normalization
     sinkhorn_temperature: float = 0.75  # Sinkhorn attention: tau, the SortNet's scores are divided by it
+    poolingformer_window: int = 4  # Poolingformer: w1, the first level's window on each side
+    poolingformer_pool_window: int = 16  # Poolingformer: w2, the second level's (pooled) window on each side
+    poolingformer_pool: int = 4  # Poolingformer: k, the pooling's kernel and stride
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -132,10 +136,11 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "isab": isab_from_spec,  # Set Transformer ISAB: m inducing points read the sentence, it reads them; encoder only
     "routing": routing_attention_from_spec,  # Routing Transformer: keys of the query's nearest k-means centroid
     "sinkhorn": sinkhorn_attention_from_spec,  # its block and a block sorted next to it by a Sinkhorn permutation
+    "poolingformer": poolingformer_from_spec,  # a window, then pooled keys/values in a wider one; encoder only
 }
 
 # the mixers with a causal form: those a decoder can use
-CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird", "isab"}
+CAUSAL_MIXERS = frozenset(MIXERS) - {"linformer", "memory_compressed", "bigbird", "isab", "poolingformer"}
 
 
 def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
@@ -149,4 +154,5 @@ __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
            "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
            "InducedSetAttention", "RoutingAttention",
-           "SinkhornAttention"]
+           "SinkhornAttention",
+           "PoolingformerAttention"]

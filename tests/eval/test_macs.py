@@ -35,7 +35,8 @@ PAPER_PARAMS_NO_EMBED = {"lsra_wmt_200": 2.88 * M, "lsra_wmt_408": 11.74 * M, "l
 TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweight conv, dynamic conv + GLU, attention
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
               "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
-              "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m"]
+              "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m",
+              "poolingformer_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -74,6 +75,9 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
         return _routing(args, side, queries, keys, step)
     if mixer == "sinkhorn":
         return _sinkhorn(args, side, queries, keys, step)
+    if mixer == "poolingformer":
+        assert queries == keys, "Poolingformer attention serves the encoder only: a full pass"
+        return _poolingformer(args, side, queries)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -225,6 +229,18 @@ def _sinkhorn(args, side: str, queries: int, keys: int, step: bool) -> int:
     if step:
         return 4 * c * c + sortnet + 2 * blocks * block * c + 2 * 2 * block * c
     return queries * 4 * c * c + sortnet + 2 * blocks * blocks * block * c + 2 * blocks * block * 2 * block * c
+def _poolingformer(args, side: str, frames: int) -> int:
+    """Poolingformer attention (encoder) on T ``frames`` frames (C channels, first window w1, second window w2, pools
+    of k): q, k, v of the input and q', k', v' of the first level's output, 3 C^2 a frame each, and out, C^2 a frame;
+    level 1, each query against its 2 w1 + 1 window keys, QK^T and AV: 2 C a query-key pair; the pooling, the frames
+    padded to G = ceil(T / k) whole pools, k taps a pool summed for the keys and for the values: 2 C a padded frame;
+    level 2, each query against the ceil(2 w2 / k) + 1 pools a window of 2 w2 + 1 positions can touch: 2 C a
+    query-pool pair."""
+    c, w1, w2, k = (getattr(args, f"{side}_embed_dim"), args.poolingformer_window, args.poolingformer_pool_window,
+                    args.poolingformer_pool)
+    padded = -(-frames // k) * k
+    pools = -(-2 * w2 // k) + 1
+    return frames * 7 * c * c + 2 * frames * (2 * w1 + 1) * c + 2 * padded * c + 2 * frames * pools * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:

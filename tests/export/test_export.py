@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the Tor
 EXPORTED = ["transformer_d128", "lsra_iwslt_160", "lsra_wmt_200", "flash_quad_100m", "flash_100m", "fastformer_100m",
             "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
             "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
-            "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m"]
+            "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m",
+            "poolingformer_100m"]
 
 
 def family(arch: str) -> tuple:

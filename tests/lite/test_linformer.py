@@ -118,7 +118,7 @@ def test_the_preset_pairs_it_with_the_attention_decoder():
 
 def test_a_decoder_mixer_without_causal_form_is_refused_at_build():
     """One line, at build time (not a shape error later), naming the mechanisms that can serve in a decoder."""
-    assert CAUSAL_MIXERS == set(MIXERS) - {"linformer", "memory_compressed", "bigbird", "isab"}
+    assert CAUSAL_MIXERS == set(MIXERS) - {"linformer", "memory_compressed", "bigbird", "isab", "poolingformer"}
     with pytest.raises(ValueError) as error:
         tiny_model("linformer_100m", decoder_mixer="linformer")
     message = str(error.value)
