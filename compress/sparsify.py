@@ -12,8 +12,9 @@ masks fixed. The weights' zeros are the masks: every checkpoint keeps them, so `
 
 Output, in DIR: ``train/`` (the fine-tune's save dir: an interrupted run resumes from it), ``checkpoint_sparse.pt``
 (the last update's weights: the best-validation checkpoint of a ramp would be a less sparse one) and
-``sparsify.json`` (the sparsity reached, overall and per weight, the schedule, the command's options). A pruned
-checkpoint (``lite compress prune``) sparsifies the same way: structured pruning buys speed, this buys size.
+``sparsify.json`` (the sparsity reached, overall and per weight, the schedule, the fine-tune's CPU seconds, the
+command's options). A pruned checkpoint (``lite compress prune``) sparsifies the same way: structured pruning buys
+speed, this buys size.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def _finish(out: Path, checkpoint, config: SparsifyConfig, schedule, train_confi
     report is the mark of a finished dir)."""
     from compress.sparsity import sparsity_report
     from lite.checkpoint import load_model, read_state
+    from lite.train import cpu_seconds_spent
 
     last = out / TRAIN_DIR / "checkpoint_last.pt"
     state = read_state(last)
@@ -110,6 +112,7 @@ def _finish(out: Path, checkpoint, config: SparsifyConfig, schedule, train_confi
                             f"or fewer --updates")
     model, _ = load_model(last)
     report = {"source": str(checkpoint), "checkpoint": str(out / CHECKPOINT_NAME), "updates": updates,
+              "cpu_seconds": cpu_seconds_spent(out / TRAIN_DIR),
               "schedule": asdict(schedule), "options": asdict(config), **sparsity_report(model, config.embeddings),
               "config": {k: v for k, v in train_config.items() if not k.startswith("sparsity")}}
     tmp = out / f".{CHECKPOINT_NAME}.tmp{os.getpid()}"

@@ -109,7 +109,7 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
     ``max_minutes``: wall time, fairseq's own ``--stop-time-hours`` (cumulative across resumes). ``max_cpu_minutes``:
     CPU time of the training process tree (user + system), cumulative across resumes (``CPU_LOG`` in the save
     dir); when it is spent, fairseq-train is stopped and keeps its last saved checkpoint (set
-    ``save_interval_updates`` to lose little)."""
+    ``save_interval_updates`` to lose little). The CPU time is logged in ``CPU_LOG`` either way."""
     if finetune_from:  # the checkpoint's widths (a pruned one's, or one fine-tuned from it) win over the config's
         from lite.checkpoint import checkpoint_dims, read_state
 
@@ -131,9 +131,8 @@ def train(config: dict[str, Any], max_minutes: float | None = None, finetune_fro
         child = subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *argv], env=os.environ.copy(),
                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
-            if max_cpu_minutes is None:
-                return child.wait()
-            return _wait_within_cpu(child, save_dir, 60 * max_cpu_minutes)
+            budget_s = float("inf") if max_cpu_minutes is None else 60 * max_cpu_minutes
+            return _wait_within_cpu(child, save_dir, budget_s)
         finally:  # interrupted or terminated: stop fairseq-train too (it resumes from its last checkpoint)
             if child.poll() is None:
                 child.terminate()

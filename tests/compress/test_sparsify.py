@@ -4,6 +4,7 @@ whose checkpoints keep their zeros."""
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 
 import numpy as np
@@ -97,9 +98,15 @@ def sparsified(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("sparsify")
     source = root / "trained.pt"
     shutil.copy(trained, source)
+    children = _children_cpu()
     report = sparsify(source, TINY_CONFIG, root / "out", SparsifyConfig(0.6, updates=12, ramp=0.5, interval=2),
                       overrides=["save_interval_updates=4"])
-    return root / "out", report
+    return root / "out", report, _children_cpu() - children  # the OS's count for the fine-tune's (reaped) processes
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _zeros(path) -> dict[str, torch.Tensor]:
@@ -107,8 +114,9 @@ def _zeros(path) -> dict[str, torch.Tensor]:
 
 
 def test_sparsify_fine_tunes_to_the_sparsity_and_the_zeros_stay_zero(sparsified):
-    out, report = sparsified
+    out, report, os_cpu_seconds = sparsified
     assert json.loads((out / REPORT_NAME).read_text()) == report
+    assert 1.0 < report["cpu_seconds"] <= os_cpu_seconds + 0.1  # sampled every 2 s: at most what the OS counted
     assert report["updates"] == 12 and report["schedule"] == {"sparsity": 0.6, "begin": 0, "end": 6, "interval": 2}
     state = read_state(out / CHECKPOINT_NAME)["model"]
     for name, fraction in report["layers"].items():  # independent count on the stored tensors
@@ -127,7 +135,7 @@ def test_sparsify_fine_tunes_to_the_sparsity_and_the_zeros_stay_zero(sparsified)
 def test_sparse_checkpoint_translates_and_a_finished_dir_is_not_redone(sparsified, tmp_path):
     from lite.checkpoint import load_model
 
-    out, report = sparsified
+    out, report, _ = sparsified
     model, task = load_model(out / CHECKPOINT_NAME)
     assert type(task).__name__ == "SparseTranslationTask" and sparsity_report(model)["zeros"] == report["zeros"]
     with pytest.raises(SparsityError, match="--force"):
@@ -155,7 +163,7 @@ def sparse_dirs(sparsified, tmp_path_factory):
     from compress.quantize import quantize
     from export.exporter import export
 
-    out, _ = sparsified
+    out, _, _ = sparsified
     root = tmp_path_factory.mktemp("sparse_dirs")
     fp32 = export(out / CHECKPOINT_NAME, root / "fp32")
     return fp32, quantize(fp32, root / "int8"), quantize(fp32, root / "int8-plain", compact=False)
