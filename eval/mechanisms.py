@@ -49,6 +49,9 @@ MECHANISMS = (
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
     Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
+    Mechanism("reformer", "Kitaev et al. 2020, Reformer (shared-QK LSH attention; encoder: the paper's chunks of "
+                          "the bucket-sorted order; decoder: causal, unchunked, every earlier key of the bucket)",
+              "O(t): keys/values + buckets", ("reformer_100m",)),
 )
 
 

@@ -235,8 +235,8 @@ def _overrides(values: dict) -> list[str]:
 
 def _family(arch: str) -> str:
     families = ("flash_quad", "flash", "fastformer", "linear", "performer", "local", "synthesizer_dense",
-                "synthesizer_random", "linformer", "memory_compressed", "strided", "longformer", "bigbird", "lsra",
-                "transformer")
+                "synthesizer_random", "linformer", "memory_compressed", "strided", "longformer", "bigbird", "reformer",
+                "lsra", "transformer")
     return next((f for f in families if arch.startswith(f)), arch)
 
 

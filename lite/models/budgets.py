@@ -15,7 +15,8 @@ from typing import Callable
 from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _linear, _linformer, _local, _longformer,
-                                      _lsra_wmt, _memory_compressed, _performer, _strided, _synthesizer, _transformer)
+                                      _lsra_wmt, _memory_compressed, _performer, _reformer, _strided, _synthesizer,
+                                      _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -65,6 +66,9 @@ FAMILIES: dict[str, Family] = {
     "bigbird": Family(_bigbird, 8, "BigBird: a sliding window of 3 positions on each side, the first token global and "
                                    "2 random keys a query in the encoder, standard causal attention in the decoder, "
                                    "FFN = 4 x embed, 6+6"),
+    "reformer": Family(_reformer, 4, "Reformer: shared-QK LSH attention (8 buckets, 1 hash round), in the encoder "
+                                     "within chunks of 8 in bucket-sorted order (a chunk and the previous one), in the "
+                                     "decoder over every earlier key of the bucket, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -84,6 +88,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "strided": {100 * M: "strided_100m"},
     "longformer": {100 * M: "longformer_100m"},
     "bigbird": {100 * M: "bigbird_100m"},
+    "reformer": {100 * M: "reformer_100m"},
 }
 
 
@@ -185,3 +190,8 @@ def longformer_100m(args):  # d=136 (4 heads; window 4 each side, 1 global token
 @register_model_architecture(MODEL, "bigbird_100m")
 def bigbird_100m(args):  # d=136 (4 heads; window 3, 1 global, 2 random, N = 256; attention decoder): 97.6M MACs
     _bigbird(args, 136)
+
+
+@register_model_architecture(MODEL, "reformer_100m")
+def reformer_100m(args):  # d=140 (4 heads; 8 buckets, 1 round, chunks of 8): 95.8M MACs (d=144: 101.2M)
+    _reformer(args, 140)

@@ -83,6 +83,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         bigbird_global=_given(getattr(args, "bigbird_global", None), 1),
         bigbird_random=_given(getattr(args, "bigbird_random", None), 2),
         bigbird_max_len=getattr(args, "bigbird_max_len", None) or 256,
+        reformer_buckets=_given(getattr(args, "reformer_buckets", None), 8),
+        reformer_hashes=_given(getattr(args, "reformer_hashes", None), 1),
+        reformer_chunk=_given(getattr(args, "reformer_chunk", None), 8),
     )
 
 
@@ -305,6 +308,13 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="BigBird: R random keys a query, drawn once at build time from a fixed seed (kept in the checkpoint)")
         add("--bigbird-max-len", type=int, metavar="N",
             help="BigBird: the longest input (random keys are drawn for N positions); longer inputs are refused")
+        add("--reformer-buckets", type=int, metavar="N",
+            help="Reformer: LSH buckets a hash round (even); a query sees the keys of its bucket only")
+        add("--reformer-hashes", type=int, metavar="R",
+            help="Reformer: hash rounds, combined by their logsumexp weights (rotations drawn once from a fixed seed)")
+        add("--reformer-chunk", type=int, metavar="L",
+            help="Reformer (encoder): chunk length in bucket-sorted order; a chunk sees itself and the previous one "
+                 "(the causal decoder form has no chunks)")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

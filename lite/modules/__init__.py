@@ -26,6 +26,7 @@ from lite.modules.longformer_attention import LongformerAttention, longformer_at
 from lite.modules.lsra import LSRA, ConvBranch
 from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from lite.modules.performer import performer_from_spec
+from lite.modules.reformer import ReformerAttention, reformer_attention_from_spec
 from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
@@ -63,6 +64,9 @@ class MixerSpec:
     bigbird_global: int = 1  # BigBird: g, the first g real tokens attend to all and all attend to them
     bigbird_random: int = 2  # BigBird: r, the random keys a query sees (drawn once, from a fixed seed)
     bigbird_max_len: int = 256  # BigBird: the longest input, N (the random keys are drawn for N positions)
+    reformer_buckets: int = 8  # Reformer: n, the LSH buckets a round (even: argmax over [xA; -xA])
+    reformer_hashes: int = 1  # Reformer: R, the hash rounds (combined by their logsumexp weights)
+    reformer_chunk: int = 8  # Reformer (encoder): c, the chunk length in bucket-sorted order
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -120,6 +124,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "strided": strided_attention_from_spec,  # Sparse Transformer strided pattern: half the heads local, half strided
     "longformer": longformer_attention_from_spec,  # a sliding window of 2 w + 1 keys plus g global tokens
     "bigbird": bigbird_attention_from_spec,  # a window, g global tokens and r random keys a query; encoder only
+    "reformer": reformer_attention_from_spec,  # shared-QK attention within LSH buckets (encoder: sorted chunks)
 }
 
 # the mixers with a causal form: those a decoder can use
@@ -135,4 +140,5 @@ def build_mixer(name: str, spec: MixerSpec) -> nn.Module:
 __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward", "SelfAttention", "LSRA", "ConvBranch",
            "LightweightConv", "DynamicConv", "GAU", "Fastformer",
            "LinearAttention", "LocalAttention", "Synthesizer", "Linformer",
-           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention"]
+           "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
+           "ReformerAttention"]

@@ -120,7 +120,7 @@ def test_left_padding_changes_nothing(arch):
 @pytest.mark.parametrize("arch", ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128", "flash_quad_100m",
                                   "flash_100m", "fastformer_100m", "local_100m",
                                   "synthesizer_dense_100m", "synthesizer_random_100m", "strided_100m",
-                                  "longformer_100m", "bigbird_100m"])
+                                  "longformer_100m", "bigbird_100m", "reformer_100m"])
 def test_beam_search_scores_match_a_full_forward(arch):
     """SequenceGenerator (incremental states reordered across beams) scores each hypothesis exactly as a
     teacher-forced pass over the same tokens does."""

@@ -33,6 +33,7 @@ PARITY_TESTS: dict[str, str | None] = {
     "strided": "tests/lite/test_strided_attention.py",
     "longformer": "tests/lite/test_longformer_attention.py",
     "bigbird": "tests/lite/test_bigbird_attention.py",
+    "reformer": "tests/lite/test_reformer.py",
 }
 FAST_VS_REFERENCE = "test_fast_path_matches_reference"
 CAUSAL_TESTS = ("test_stepping_matches_full_causal_pass", "test_reorder_incremental_state_follows_beams")
