@@ -57,6 +57,9 @@ MECHANISMS = (
               "O(t): keys/values + input frames", ("sinkhorn_100m",)),
     Mechanism("poolingformer", "Zhang et al. 2021, Poolingformer (window + pooled window)", "",
               ("poolingformer_100m",)),
+    Mechanism("reformer", "Kitaev et al. 2020, Reformer (shared-QK LSH attention; encoder: the paper's chunks of "
+                          "the bucket-sorted order; decoder: causal, unchunked, every earlier key of the bucket)",
+              "O(t): keys/values + buckets", ("reformer_100m",)),
 )
 
 

@@ -236,7 +236,7 @@ def _overrides(values: dict) -> list[str]:
 def _family(arch: str) -> str:
     families = ("flash_quad", "flash", "fastformer", "linear", "performer", "local", "synthesizer_dense",
                 "synthesizer_random", "linformer", "memory_compressed", "strided", "longformer", "bigbird", "isab",
-                "routing", "sinkhorn", "poolingformer", "lsra", "transformer")
+                "routing", "sinkhorn", "poolingformer", "reformer", "lsra", "transformer")
     return next((f for f in families if arch.startswith(f)), arch)
 
 

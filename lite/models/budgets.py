@@ -16,7 +16,8 @@ from fairseq.models import register_model_architecture
 
 from lite.models.architectures import (MODEL, _bigbird, _fastformer, _flash, _isab, _linear, _linformer, _local,
                                       _longformer, _lsra_wmt, _memory_compressed, _performer,
-                                      _poolingformer, _routing, _sinkhorn, _strided, _synthesizer, _transformer)
+                                      _poolingformer, _reformer, _routing, _sinkhorn, _strided, _synthesizer,
+                                      _transformer)
 
 M = 1_000_000
 FLASH_CHUNK = 16  # Multi30k sentences average ~15 subwords: about half of them span a chunk boundary
@@ -80,6 +81,9 @@ FAMILIES: dict[str, Family] = {
                                                "attention over pools of 4 within 16 positions on each side, in the "
                                                "encoder, standard causal attention in the decoder, FFN = 4 x embed, "
                                                "6+6"),
+    "reformer": Family(_reformer, 4, "Reformer: shared-QK LSH attention (8 buckets, 1 hash round), in the encoder "
+                                     "within chunks of 8 in bucket-sorted order (a chunk and the previous one), in the "
+                                     "decoder over every earlier key of the bucket, FFN = 4 x embed, 6+6"),
 }
 
 # family -> {budget in MACs -> arch}
@@ -103,6 +107,7 @@ BUDGET_PRESETS: dict[str, dict[int, str]] = {
     "routing": {100 * M: "routing_100m"},
     "sinkhorn": {100 * M: "sinkhorn_100m"},
     "poolingformer": {100 * M: "poolingformer_100m"},
+    "reformer": {100 * M: "reformer_100m"},
 }
 
 
@@ -219,3 +224,6 @@ def sinkhorn_100m(args):  # d=136 (4 heads; blocks of 4, K = 5, tau = 0.75): 98.
 def poolingformer_100m(args):  # d=128 (4 heads; w1 4, w2 16, pools of 4; attention decoder): 95.1M MACs (d=136:
     # 107.1M)
     _poolingformer(args, 128)
+@register_model_architecture(MODEL, "reformer_100m")
+def reformer_100m(args):  # d=140 (4 heads; 8 buckets, 1 round, chunks of 8): 95.8M MACs (d=144: 101.2M)
+    _reformer(args, 140)

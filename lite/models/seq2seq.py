@@ -92,6 +92,9 @@ def _mixer_spec(args, side: str, layer: int, causal: bool) -> MixerSpec:
         poolingformer_window=_given(getattr(args, "poolingformer_window", None), 4),
         poolingformer_pool_window=_given(getattr(args, "poolingformer_pool_window", None), 16),
         poolingformer_pool=_given(getattr(args, "poolingformer_pool", None), 4),
+        reformer_buckets=_given(getattr(args, "reformer_buckets", None), 8),
+        reformer_hashes=_given(getattr(args, "reformer_hashes", None), 1),
+        reformer_chunk=_given(getattr(args, "reformer_chunk", None), 8),
     )
 
 
@@ -332,6 +335,13 @@ class LiteTransformerModel(FairseqEncoderDecoderModel):
             help="Poolingformer: the second level attends to the pools holding a position within W2 on each side")
         add("--poolingformer-pool", type=int, metavar="K",
             help="Poolingformer: the second level's keys and values pooled by a strided conv, kernel = stride = K")
+        add("--reformer-buckets", type=int, metavar="N",
+            help="Reformer: LSH buckets a hash round (even); a query sees the keys of its bucket only")
+        add("--reformer-hashes", type=int, metavar="R",
+            help="Reformer: hash rounds, combined by their logsumexp weights (rotations drawn once from a fixed seed)")
+        add("--reformer-chunk", type=int, metavar="L",
+            help="Reformer (encoder): chunk length in bucket-sorted order; a chunk sees itself and the previous one "
+                 "(the causal decoder form has no chunks)")
         add("--conv-type", choices=["lightweight", "dynamic"])
         add("--conv-heads", type=int, metavar="N")
         add("--conv-head-dim", type=int, metavar="R",

@@ -30,6 +30,7 @@ from lite.modules.performer import performer_from_spec
 from lite.modules.routing_attention import RoutingAttention, routing_attention_from_spec
 from lite.modules.sinkhorn_attention import SinkhornAttention, sinkhorn_attention_from_spec
 from lite.modules.poolingformer import PoolingformerAttention, poolingformer_from_spec
+from lite.modules.reformer import ReformerAttention, reformer_attention_from_spec
 from lite.modules.strided_attention import StridedAttention, strided_attention_from_spec
 from lite.modules.synthesizer import Synthesizer, dense_synthesizer_from_spec, random_synthesizer_from_spec
 
@@ -76,6 +77,9 @@ class MixerSpec:
     poolingformer_window: int = 4  # Poolingformer: w1, the first level's window on each side
     poolingformer_pool_window: int = 16  # Poolingformer: w2, the second level's (pooled) window on each side
     poolingformer_pool: int = 4  # Poolingformer: k, the pooling's kernel and stride
+    reformer_buckets: int = 8  # Reformer: n, the LSH buckets a round (even: argmax over [xA; -xA])
+    reformer_hashes: int = 1  # Reformer: R, the hash rounds (combined by their logsumexp weights)
+    reformer_chunk: int = 8  # Reformer (encoder): c, the chunk length in bucket-sorted order
 
     def check_equal_heads(self, mechanism: str) -> None:
         """For mixers whose heads split the width: refuse a head dim (``--*-attention-head-dim``) that does not."""
@@ -137,6 +141,7 @@ MIXERS: dict[str, Callable[[MixerSpec], nn.Module]] = {
     "routing": routing_attention_from_spec,  # Routing Transformer: keys of the query's nearest k-means centroid
     "sinkhorn": sinkhorn_attention_from_spec,  # its block and a block sorted next to it by a Sinkhorn permutation
     "poolingformer": poolingformer_from_spec,  # a window, then pooled keys/values in a wider one; encoder only
+    "reformer": reformer_attention_from_spec,  # shared-QK attention within LSH buckets (encoder: sorted chunks)
 }
 
 # the mixers with a causal form: those a decoder can use
@@ -155,4 +160,5 @@ __all__ = ["MIXERS", "CAUSAL_MIXERS", "MixerSpec", "build_mixer", "FeedForward",
            "MemoryCompressedAttention", "StridedAttention", "LongformerAttention", "BigBirdAttention",
            "InducedSetAttention", "RoutingAttention",
            "SinkhornAttention",
-           "PoolingformerAttention"]
+           "PoolingformerAttention",
+           "ReformerAttention"]

@@ -23,7 +23,9 @@ class PatternAttention(nn.Module):
 
     STATE_NAMES: Tuple[str, ...] = ()
 
-    def __init__(self, mechanism: str, embed_dim: int, num_heads: int, *, causal: bool, dropout: float):
+    def __init__(self, mechanism: str, embed_dim: int, num_heads: int, *, causal: bool, dropout: float,
+                 projections: int = 3):
+        """``projections``: the fused input projection's outputs, 3 (q, k, v) or 2 (Reformer's shared qk, and v)."""
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"{mechanism}: embed dim {embed_dim} is not divisible by {num_heads} heads")
@@ -31,15 +33,17 @@ class PatternAttention(nn.Module):
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.causal, self.dropout = causal, dropout
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.projections = projections
+        self.qkv = nn.Linear(embed_dim, projections * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         for linear in (self.qkv, self.out_proj):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def _heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x [..., C] -> q, k, v [..., H, D]."""
-        return tuple(t.view(*t.shape[:-1], self.num_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
+    def _heads(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """x [..., C] -> q, k, v (or qk, v) [..., H, D]."""
+        return tuple(t.view(*t.shape[:-1], self.num_heads, self.head_dim)
+                     for t in self.qkv(x).chunk(self.projections, dim=-1))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
         """Softmax attention over the last two axes: q [..., Q, D], k, v [..., K, D], visible broadcasting to

@@ -36,7 +36,7 @@ TINY_ARCHS = ["lsra_iwslt_160", "lsra_wmt_200", "transformer_d128",  # lightweig
               "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
               "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
               "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m",
-              "poolingformer_100m"]
+              "poolingformer_100m", "reformer_100m"]
 
 
 # ------------------------------------------------------------------------------------ hand count
@@ -78,6 +78,8 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     if mixer == "poolingformer":
         assert queries == keys, "Poolingformer attention serves the encoder only: a full pass"
         return _poolingformer(args, side, queries)
+    if mixer == "reformer":
+        return _reformer(args, side, queries, keys, step)
     if mixer == "memory_compressed":
         assert queries == keys, "memory-compressed attention serves the encoder only: a full pass"
         return _memory_compressed(args, side, queries)
@@ -241,6 +243,23 @@ def _poolingformer(args, side: str, frames: int) -> int:
     padded = -(-frames // k) * k
     pools = -(-2 * w2 // k) + 1
     return frames * 7 * c * c + 2 * frames * (2 * w1 + 1) * c + 2 * padded * c + 2 * frames * pools * c
+def _reformer(args, side: str, queries: int, keys: int, step: bool) -> int:
+    """Reformer's LSH attention (C channels in H heads, n buckets, R rounds, chunks of c): qk, v and out (shared QK),
+    3 C^2 a query; the hash, x A with A [D, R n/2] on every head, C R n / 2 a query. Encoder, T frames sorted into
+    G = ceil(T / c) chunks of c (the last padded) in each round: each chunk's c queries against 2 c keys, QK^T and AV,
+    4 R G c^2 C. Decoder, full pass: the T x T logits once and the combined weights times V (the bucket pattern is a
+    mask), 2 T^2 C; one step: one query against the t cached frames, 2 t C. R > 1 rounds add their combination, a
+    product summed over the rounds: the encoder's outputs, R T C; the decoder's weights, H R T^2 (a step: H R t)."""
+    c, heads = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads")
+    n, rounds, size = args.reformer_buckets, args.reformer_hashes, args.reformer_chunk
+    combine = rounds > 1
+    projections = queries * (3 * c * c + c * rounds * n // 2)
+    if step:
+        return projections + 2 * keys * c + combine * heads * rounds * keys
+    if side == "decoder":
+        return projections + 2 * queries * keys * c + combine * heads * rounds * queries * keys
+    chunks = -(-queries // size)
+    return projections + 4 * rounds * chunks * size * size * c + combine * rounds * queries * c
 
 
 def reference_paper_macs(args, src_len: int, tgt_len: int) -> tuple[int, int]:
@@ -312,6 +331,23 @@ def test_hand_count_gau_and_fastformer_tiny(arch, overrides):
         paper = macs.paper_macs(model, src_len=7, tgt_len=5)
     assert not [w for w in caught if "not counted" in str(w.message)]  # every operator is known
     assert (paper.encoder, paper.decoder) == reference_paper_macs(model.args, 7, 5)
+
+
+@pytest.mark.parametrize("overrides", [dict(reformer_hashes=3, reformer_chunk=3, reformer_buckets=4),
+                                       dict(reformer_hashes=2, reformer_chunk=16)])
+def test_hand_count_reformer_rounds_and_chunks(overrides):
+    """Reformer beyond its preset: several hash rounds (their combination counted), chunks shorter and longer than
+    the sentence."""
+    model = tiny_model("reformer_100m", **overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paper = macs.paper_macs(model, src_len=7, tgt_len=5)
+        decode = macs.decode_macs(model, src_len=7, tgt_len=6, beam=3, every_step=True)
+    assert not [w for w in caught if "not counted" in str(w.message)]
+    args = arch_args("reformer_100m", **TINY, **overrides)
+    assert (paper.encoder, paper.decoder) == reference_paper_macs(args, 7, 5)
+    assert (decode.encoder, decode.decoder, decode.output_projection) == \
+        reference_decode_macs(args, 7, 6, beam=3, vocab=len(model.decoder.dictionary))
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

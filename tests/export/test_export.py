@@ -28,7 +28,7 @@ EXPORTED = ["transformer_d128", "lsra_iwslt_160", "lsra_wmt_200", "flash_quad_10
             "linear_100m", "performer_100m", "local_100m", "synthesizer_dense_100m", "synthesizer_random_100m",
             "linformer_100m", "memory_compressed_100m", "strided_100m", "longformer_100m",
             "bigbird_100m", "isab_100m", "routing_100m", "sinkhorn_100m",
-            "poolingformer_100m"]
+            "poolingformer_100m", "reformer_100m"]
 
 
 def family(arch: str) -> tuple:
@@ -60,6 +60,17 @@ def test_graphs_match_pytorch(arch, tmp_path):
     report = validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"),
                       onnx_runner(tmp_path / "decoder_step.onnx"), outputs)
     assert report.cases == 6 and report.steps == 10  # validate() raises beyond 1e-4
+
+
+def test_reformer_rounds_and_short_chunks_match_pytorch(tmp_path):
+    """Reformer beyond its preset: 3 hash rounds (the logsumexp combination) and chunks of 3, shorter than most
+    sources (the sort, several chunks and the scatter back) in the encoder; 3 rounds of cached buckets in the step."""
+    reference, specs, outputs = _export_tiny("reformer_100m", tmp_path, reformer_hashes=3, reformer_chunk=3,
+                                             reformer_buckets=4)
+    assert {s.shape[-1] for s in specs if s.key == "bucket"} == {3}
+    report = validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"),
+                      onnx_runner(tmp_path / "decoder_step.onnx"), outputs)
+    assert report.cases == 6 and report.steps == 10
 
 
 # inner widths as pruning leaves them (heads x head dim != width), in every stateful module of the decoder step

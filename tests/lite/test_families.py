@@ -1,8 +1,8 @@
 """FLASH-Quad, FLASH, Fastformer and the survey's mechanisms (Linear Transformer, Performer, local attention, dense and
 random Synthesizer, Linformer, memory-compressed, strided, Longformer, BigBird, routing, Sinkhorn and Poolingformer
-attention, the Set Transformer's ISAB) learn the embedded corpus: a tiny model of each clears a BLEU floor that an
-untrained model cannot reach (tests/test_pipeline.py shows the untrained one scores below 5); the survey's mechanisms
-also decode on the ONNX Runtime translator exactly as in torch."""
+attention, Reformer's LSH attention, the Set Transformer's ISAB) learn the embedded corpus: a tiny model of each
+clears a BLEU floor that an untrained model cannot reach (tests/test_pipeline.py shows the untrained one scores below
+5); the survey's mechanisms also decode on the ONNX Runtime translator exactly as in torch."""
 from pathlib import Path
 
 import pytest
@@ -13,11 +13,11 @@ from tests.conftest import ROOT
 
 # measured (600 updates): FLASH-Quad 62, FLASH 82, Fastformer 79, Linear 78, Performer 80, local 85,
 # Synthesizer dense 70, random 78, Linformer 85, memory-compressed 86, strided 88, Longformer 86, BigBird 87,
-# ISAB 82, routing 69, Sinkhorn 88, Poolingformer 91
+# ISAB 82, routing 69, Sinkhorn 88, Poolingformer 91, Reformer 74 (4 buckets, 2 rounds, chunks of 4)
 FAMILY_FLOOR = 30.0
 # the Efficient Transformers survey's mechanisms
 SURVEY = ["linear", "performer", "local", "synthesizer_dense", "synthesizer_random", "linformer", "memory_compressed",
-          "strided", "longformer", "bigbird", "isab", "routing", "sinkhorn", "poolingformer"]
+          "strided", "longformer", "bigbird", "isab", "routing", "sinkhorn", "poolingformer", "reformer"]
 TRAINED = ["flash_quad", "flash", "fastformer", *SURVEY]  # families whose tiny model is trained here
 
 

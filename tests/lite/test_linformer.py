@@ -125,7 +125,8 @@ def test_a_decoder_mixer_without_causal_form_is_refused_at_build():
     assert "\n" not in message
     assert message == ("--decoder-mixer linformer: linformer has no causal form, so it cannot serve in the decoder; "
                        "mechanisms that can: attention, conv, fastformer, gau, linear, local, longformer, lsra, "
-                       "performer, routing, sinkhorn, strided, synthesizer_dense, synthesizer_random")
+                       "performer, reformer, routing, sinkhorn, strided, synthesizer_dense, "
+                       "synthesizer_random")
     # any mixer serves an encoder; unless set, the decoder takes the encoder's mixer only when it has a causal form
     assert tiny_model("transformer_d128", encoder_mixer="linformer").args.decoder_mixer == "attention"
     assert tiny_model("transformer_d128", encoder_mixer="local").args.decoder_mixer == "local"

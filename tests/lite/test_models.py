@@ -121,7 +121,7 @@ def test_left_padding_changes_nothing(arch):
                                   "flash_100m", "fastformer_100m", "local_100m",
                                   "synthesizer_dense_100m", "synthesizer_random_100m", "strided_100m",
                                   "longformer_100m", "bigbird_100m", "isab_100m", "routing_100m",
-                                  "sinkhorn_100m", "poolingformer_100m"])
+                                  "sinkhorn_100m", "poolingformer_100m", "reformer_100m"])
 def test_beam_search_scores_match_a_full_forward(arch):
     """SequenceGenerator (incremental states reordered across beams) scores each hypothesis exactly as a
     teacher-forced pass over the same tokens does."""

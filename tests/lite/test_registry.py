@@ -37,6 +37,7 @@ PARITY_TESTS: dict[str, str | None] = {
     "routing": "tests/lite/test_routing_attention.py",
     "sinkhorn": "tests/lite/test_sinkhorn_attention.py",
     "poolingformer": "tests/lite/test_poolingformer.py",
+    "reformer": "tests/lite/test_reformer.py",
 }
 FAST_VS_REFERENCE = "test_fast_path_matches_reference"
 CAUSAL_TESTS = ("test_stepping_matches_full_causal_pass", "test_reorder_incremental_state_follows_beams")

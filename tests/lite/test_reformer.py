@@ -1,0 +1,260 @@
+"""Reformer's LSH attention: fast paths (the encoder's sorted chunks, the decoder's causal bucket mask) vs the
+one-query-one-head-one-round reference, the paper's hash and self rule, rounds combined by their logsumexp, stepping
+(cached keys, values and buckets) vs the full causal pass, beams, padding, the rotations fixed at build time and kept
+in the state dict, options refused by name."""
+import pytest
+import torch
+
+from lite.modules import CAUSAL_MIXERS, MixerSpec
+from lite.modules.reformer import STATE_NAMES, ReformerAttention, random_rotations, reformer_attention_from_spec
+from tests.conftest import assert_close, left_padding, tiny_model
+
+BUCKETS, HASHES, CHUNK = 4, 2, 3
+
+
+def make_unit(causal: bool, buckets: int = BUCKETS, hashes: int = HASHES, chunk: int = CHUNK, embed_dim: int = 16,
+              heads: int = 4) -> ReformerAttention:
+    """A small unit in eval mode with spread-out logits, so that the weights are far from uniform."""
+    unit = ReformerAttention(embed_dim, heads, buckets, hashes, chunk, causal=causal).eval()
+    with torch.no_grad():
+        for linear in (unit.qkv, unit.out_proj):
+            linear.weight.normal_(0.0, 0.5)
+            linear.bias.normal_(0.0, 0.1)
+    return unit
+
+
+def spec(**fields) -> MixerSpec:
+    return MixerSpec(**{"embed_dim": 16, "attention_heads": 4, "causal": False, "kernel_size": 3,
+                        "conv_type": "lightweight", "conv_heads": 2, "conv_glu": True, "weight_softmax": True,
+                        "weight_dropout": 0.0, "attention_dropout": 0.0, **fields})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 6, 7, 13, 33])  # below, at and above the chunk (3), several chunks
+def test_fast_path_matches_reference(causal, length):
+    unit = make_unit(causal)
+    x = torch.randn(length, 2, 16)  # [T, B, C]
+    assert_close(unit(x), unit.reference_forward(x))
+    mask = left_padding(2, length, pads=min(5, length - 1))
+    assert_close(unit(x, mask), unit.reference_forward(x, mask))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("buckets,hashes,chunk", [(2, 1, 1), (2, 3, 2), (4, 1, 8), (8, 1, 8), (8, 2, 5), (16, 4, 4)])
+def test_other_options_match_reference(causal, buckets, hashes, chunk):
+    unit = make_unit(causal, buckets=buckets, hashes=hashes, chunk=chunk)
+    x = torch.randn(19, 2, 16)
+    mask = left_padding(2, 19, pads=4)
+    assert_close(unit(x, mask), unit.reference_forward(x, mask))
+
+
+def textbook_unit(causal: bool) -> ReformerAttention:
+    """C = H = D = 1, 2 buckets, chunks of 2, qk = v = x, W_o = 1, A = 1: positive frames hash to bucket 0, negative
+    ones to 1, and within a bucket every logit x_i sign(x_j) is the same, so a query averages the values it sees."""
+    unit = ReformerAttention(1, 1, 2, 1, 2, causal=causal).eval()
+    with torch.no_grad():
+        unit.qkv.weight.fill_(1.0)
+        unit.qkv.bias.zero_()
+        unit.out_proj.weight.fill_(1.0)
+        unit.out_proj.bias.zero_()
+        unit.rotations.fill_(1.0)
+    return unit
+
+
+def test_reference_is_the_textbook_pattern():
+    """x = (1, -2, 4, -8, 16, 32). Encoder: sorted by (bucket, position) 0 2 | 4 5 | 1 3; frame 0 sees 2 (not
+    itself), frame 4 sees 0, 2 and 5 (its chunk and the previous one), frame 1 sees 3 (chunk 1 holds no key of its
+    bucket). Decoder: frame 0 sees only itself (nothing earlier), frame 1 too (no earlier negative frame), frame 4 sees
+    0 and 2, frame 5 sees 0, 2 and 4."""
+    x = torch.tensor([1.0, -2.0, 4.0, -8.0, 16.0, 32.0]).view(6, 1, 1)
+    expected = {False: [4.0, -8.0, 1.0, -2.0, 37 / 3, 7.0], True: [1.0, -2.0, 1.0, -2.0, 2.5, 7.0]}
+    for causal in (False, True):
+        unit = textbook_unit(causal)
+        want = torch.tensor(expected[causal]).view(6, 1, 1)
+        assert_close(unit.reference_forward(x), want)
+        assert_close(unit(x), want)
+
+
+def test_the_hash_is_the_argmax_over_the_rotations_and_their_negation():
+    unit = make_unit(causal=False, buckets=8, hashes=3)
+    qk = torch.randn(50, unit.head_dim)
+    rotated = torch.einsum("nd,drm->nrm", qk, unit.rotations)  # [50, R, n/2]
+    want = torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+    assert torch.equal(unit._bucket(qk), want)
+    assert want.unique().numel() == 8  # every bucket used
+    assert [unit.reference_buckets(v) for v in qk] == want.tolist()
+    assert torch.equal(unit._bucket(3.0 * qk), want)  # angular: the length of a vector does not move it
+
+
+def test_queries_see_a_fraction_of_the_keys():
+    """Guard against a vacuous pattern: 8 buckets, chunks of 4, 40 frames, one round: a query sees its bucket's keys
+    in 2 chunks (at most 7 others), and the fast path agrees with the reference that says so."""
+    for causal in (False, True):
+        unit = make_unit(causal, buckets=8, hashes=1, chunk=4)
+        x = torch.randn(40, 1, 16)
+        qk = unit._heads(x[:, 0])[0]  # [T, H, D]
+        frames = list(range(40))
+        sizes = []
+        for h in range(unit.num_heads):
+            buckets = {j: unit.reference_buckets(qk[j, h]) for j in frames}
+            for i in frames:
+                keys = unit.reference_keys(buckets, frames, i, 0)
+                assert all(buckets[j] == buckets[i] for j in keys)
+                sizes.append(len(keys))
+        assert max(sizes) <= (7 if not causal else 39) and sum(sizes) / len(sizes) < 6
+        assert_close(unit(x), unit.reference_forward(x))
+
+
+def test_one_chunk_is_all_of_the_bucket():
+    """A chunk as long as the sentence: the encoder sees every same-bucket key, i.e. the causal form's mask
+    without the causal limit."""
+    unit = make_unit(causal=False, chunk=40)
+    x = torch.randn(21, 1, 16)
+    qk = unit._heads(x[:, 0])[0]
+    frames = list(range(21))
+    for h in range(unit.num_heads):
+        buckets = {j: unit.reference_buckets(qk[j, h]) for j in frames}
+        for i in frames:
+            for r in range(HASHES):
+                same = [j for j in frames if buckets[j][r] == buckets[i][r] and j != i]
+                assert unit.reference_keys(buckets, frames, i, r) == (same or [i])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_identical_rounds_combine_to_one_round(causal):
+    """The logsumexp weights of R identical rounds are 1 / R each: the output is one round's."""
+    several, one = make_unit(causal, hashes=3), make_unit(causal, hashes=1)
+    one.load_state_dict({k: t for k, t in several.state_dict().items() if k != "rotations"}, strict=False)
+    with torch.no_grad():
+        several.rotations.copy_(one.rotations.expand_as(several.rotations))
+    x = torch.randn(15, 2, 16)
+    mask = left_padding(2, 15, pads=3)
+    assert_close(several(x, mask), one(x, mask))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_left_padding_changes_nothing(causal):
+    """Buckets, the sort and the chunks of a sentence do not depend on the pads before it."""
+    unit = make_unit(causal)
+    x = torch.randn(17, 1, 16)
+    padded = torch.cat([torch.randn(6, 1, 16), x])
+    mask = torch.zeros(1, 23, dtype=torch.bool)
+    mask[0, :6] = True
+    assert_close(unit(padded, mask)[6:], unit(x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_frames_do_not_leak(causal):
+    """Changing what sits at padded positions (left and right) changes nothing at real positions; pads give zero."""
+    unit = make_unit(causal)
+    x = torch.randn(13, 2, 16)
+    mask = left_padding(2, 13, pads=3)
+    mask[0, -2:] = True  # the first sentence is right-padded
+    y = unit(x, mask)
+    x_other = x.clone()
+    x_other[:3, 1] = 1e3 * torch.randn(3, 16)
+    x_other[-2:, 0] = 1e3 * torch.randn(2, 16)
+    assert_close(unit(x_other, mask), y)
+    assert_close(y[:3, 1], torch.zeros(3, 16))
+    assert_close(y[-2:, 0], torch.zeros(2, 16))
+    assert_close(y, unit.reference_forward(x, mask))
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 7, 10, 33])
+def test_stepping_matches_full_causal_pass(length):
+    unit = make_unit(causal=True)
+    x = torch.randn(length, 3, 16)
+    state = {}
+    steps = torch.cat([unit(x[t:t + 1], incremental_state=state) for t in range(length)])
+    assert_close(steps, unit(x))
+
+
+@pytest.mark.parametrize("hashes", [1, 3])
+@pytest.mark.parametrize("length", [2, 9, 23])
+def test_stepping_with_left_padding_matches_full_pass(hashes, length):
+    unit = make_unit(causal=True, hashes=hashes)
+    x, mask = torch.randn(length, 2, 16), left_padding(2, length, pads=min(5, length - 1))
+    state = {}
+    steps = torch.cat([unit(x[t:t + 1], mask[:, t:t + 1], state) for t in range(length)])
+    assert_close(steps, unit(x, mask))
+
+
+def test_reorder_incremental_state_follows_beams():
+    unit = make_unit(causal=True)
+    x = torch.randn(14, 3, 16)
+    order = torch.tensor([2, 2, 0])
+    state = {}
+    for t in range(6):
+        unit(x[t:t + 1], incremental_state=state)
+    unit.reorder_incremental_state(state, order)
+    reordered = torch.cat([unit(x[t:t + 1, order], incremental_state=state) for t in range(6, 14)])
+    assert_close(reordered, unit(x[:, order])[6:])
+
+
+def test_state_is_the_cached_frames():
+    """O(t): the keys, values and buckets of every frame so far."""
+    unit = make_unit(causal=True)
+    state = {}
+    for t in range(1, 8):
+        unit(torch.randn(1, 2, 16), incremental_state=state)
+        shapes = tuple(tuple(unit.get_incremental_state(state, name).shape) for name in STATE_NAMES)
+        assert shapes == ((2, 4, t, 4), (2, 4, t, 4), (2, 4, t, HASHES))
+    initial = unit.initial_state(5, torch.zeros(1))
+    assert {slot: tuple(t.shape) for slot, t in initial.items()} == \
+        {("key", None): (5, 4, 0, 4), ("value", None): (5, 4, 0, 4), ("bucket", None): (5, 4, 0, HASHES)}
+
+
+def test_the_rotations_are_fixed_and_saved():
+    """Built twice, the same rotations (fixed seed); a buffer in the state dict, so a checkpoint restores them."""
+    first, second = make_unit(causal=False), make_unit(causal=False)
+    assert torch.equal(first.rotations, second.rotations)
+    assert torch.equal(first.rotations, random_rotations(4, HASHES, BUCKETS))
+    assert first.rotations.shape == (4, HASHES, BUCKETS // 2)
+    other = make_unit(causal=False)
+    with torch.no_grad():
+        other.rotations.normal_()
+    other.load_state_dict(first.state_dict())
+    assert torch.equal(other.rotations, first.rotations)
+    x = torch.randn(21, 2, 16)
+    assert torch.equal(first(x), other(x))
+    model = tiny_model("reformer_100m")
+    assert sum(key.endswith("mixer.rotations") for key in model.state_dict()) == 4  # 2 encoder + 2 decoder layers
+
+
+def test_the_encoder_form_refuses_incremental_state():
+    with pytest.raises(ValueError, match="only for the causal"):
+        make_unit(causal=False)(torch.randn(1, 1, 16), incremental_state={})
+
+
+def test_builder_reads_the_spec():
+    unit = reformer_attention_from_spec(spec(causal=True, attention_dropout=0.1, reformer_buckets=6,
+                                             reformer_hashes=2, reformer_chunk=5))
+    assert (unit.num_heads, unit.buckets, unit.hashes, unit.chunk, unit.causal, unit.dropout) == \
+        (4, 6, 2, 5, True, 0.1)
+    assert unit.qkv.out_features == 2 * 16  # shared QK: qk and v
+    defaults = spec()
+    assert (defaults.reformer_buckets, defaults.reformer_hashes, defaults.reformer_chunk) == (8, 1, 8)
+    assert "reformer" in CAUSAL_MIXERS
+
+
+@pytest.mark.parametrize("buckets,hashes,chunk,message", [
+    (7, 1, 8, "--reformer-buckets must be even and >= 2 .*got 7"),
+    (0, 1, 8, "--reformer-buckets must be even and >= 2 .*got 0"),
+    (8, 0, 8, "--reformer-hashes must be >= 1, got 0"),
+    (8, 1, 0, "--reformer-chunk must be >= 1, got 0")])
+def test_bad_options_are_refused_by_name(buckets, hashes, chunk, message):
+    with pytest.raises(ValueError, match=message) as error:
+        ReformerAttention(16, 4, buckets, hashes, chunk, causal=False)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=message):
+        tiny_model("reformer_100m", reformer_buckets=buckets, reformer_hashes=hashes, reformer_chunk=chunk)
+    with pytest.raises(ValueError, match="divisible"):
+        ReformerAttention(10, 4, 8, 1, 8, causal=False)
+
+
+def test_the_preset_uses_it_in_both_encoder_and_decoder():
+    model = tiny_model("reformer_100m")
+    args = model.args
+    assert (args.encoder_mixer, args.decoder_mixer, args.reformer_buckets, args.reformer_hashes,
+            args.reformer_chunk) == ("reformer", "reformer", 8, 1, 8)
+    assert not model.encoder.layers[0].mixer.causal and model.decoder.layers[0].mixer.causal
