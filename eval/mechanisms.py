@@ -23,6 +23,7 @@ class Mechanism:
     paper: str
     state: str  # what one decoding step keeps: grows with t (O(t)) or not (O(1)); "" when encoder only
     presets: tuple[str, ...]  # the 100M presets built on it (none: a building block only)
+    no_decoder: str = ""  # why it has no causal form (encoder only); "" when it has one
 
 
 MECHANISMS = (
@@ -43,22 +44,24 @@ MECHANISMS = (
               ("synthesizer_dense_100m",)),
     Mechanism("synthesizer_random", "Tay et al. 2020, Synthesizer (random)", "O(t): values",
               ("synthesizer_random_100m",)),
-    Mechanism("linformer", "Wang et al. 2020, Linformer", "", ("linformer_100m",)),
-    Mechanism("memory_compressed", "Liu et al. 2018, memory-compressed attention", "", ("memory_compressed_100m",)),
+    Mechanism("linformer", "Wang et al. 2020, Linformer", "", ("linformer_100m",),
+              "the length projection mixes every position"),
+    Mechanism("memory_compressed", "Liu et al. 2018, memory-compressed attention", "", ("memory_compressed_100m",),
+              "its state would gain a slot every s steps, at other steps in differently padded rows"),
     Mechanism("strided", "Child et al. 2019, Sparse Transformer (strided)", "O(t): keys/values", ("strided_100m",)),
     Mechanism("longformer", "Beltagy et al. 2020, Longformer (window + global)", "O(t): keys/values",
               ("longformer_100m",)),
-    Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",)),
-    Mechanism("isab", "Lee et al. 2019, Set Transformer (ISAB; encoder only: its m inducing points summarize the "
-                      "whole sentence, so every token would read later ones)", "", ("isab_100m",)),
+    Mechanism("bigbird", "Zaheer et al. 2020, BigBird (window + global + random)", "", ("bigbird_100m",),
+              "random keys look ahead"),
+    Mechanism("isab", "Lee et al. 2019, Set Transformer (ISAB)", "", ("isab_100m",),
+              "the inducing points summarize the whole sentence"),
     Mechanism("routing", "Roy et al. 2021, Routing Transformer (k-means clusters)",
               "O(t): keys/values + key clusters", ("routing_100m",)),
     Mechanism("sinkhorn", "Tay et al. 2020, Sparse Sinkhorn Attention (local + sorted block)",
               "O(t): keys/values + input frames", ("sinkhorn_100m",)),
     Mechanism("poolingformer", "Zhang et al. 2021, Poolingformer (window + pooled window)", "",
-              ("poolingformer_100m",)),
-    Mechanism("reformer", "Kitaev et al. 2020, Reformer (shared-QK LSH attention; encoder: the paper's chunks of "
-                          "the bucket-sorted order; decoder: causal, unchunked, every earlier key of the bucket)",
+              ("poolingformer_100m",), "the pooled windows look ahead"),
+    Mechanism("reformer", "Kitaev et al. 2020, Reformer (shared-QK LSH; encoder: sorted chunks; decoder: unchunked)",
               "O(t): keys/values + buckets", ("reformer_100m",)),
 )
 
@@ -85,7 +88,7 @@ def markdown_table(run_dir: str | Path | None = None) -> str:
     rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | "
             "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|"]
     for m in MECHANISMS:
-        decoder = "yes" if m.mixer in CAUSAL_MIXERS else "no (its preset's decoder: attention)"
+        decoder = "yes" if m.mixer in CAUSAL_MIXERS else f"no: {m.no_decoder} (its preset's decoder: attention)"
         for preset in m.presets or ("",):
             macs = millions(paper_macs(build_arch(preset, VOCAB_SIZE)).total) if preset else "–"
             found = figures.get(preset, {})

@@ -5,12 +5,17 @@ import json
 from eval.macs import paper_macs
 from eval.mechanisms import MECHANISMS, run_figures
 from lite.models.factory import build_arch
-from lite.modules import MIXERS
+from lite.modules import CAUSAL_MIXERS, MIXERS
 from tests.conftest import LITE, run
 
 
 def test_every_registered_mixer_has_a_row():
     assert sorted(m.mixer for m in MECHANISMS) == sorted(MIXERS)
+
+
+def test_an_encoder_only_row_says_why_and_keeps_no_state():
+    assert {m.mixer for m in MECHANISMS if m.no_decoder} == set(MIXERS) - CAUSAL_MIXERS
+    assert all(bool(m.state) == (m.mixer in CAUSAL_MIXERS) for m in MECHANISMS if m.presets)
 
 
 def _summary(tmp_path):
@@ -36,7 +41,8 @@ def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
     assert "| 31.25 | 41.3 |" in rows["`local_100m`"]  # fp32 BLEU, int8 latency at 1 thread
     assert rows["`strided_100m`"].endswith("| – | – |")  # not in the run
     assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # its int8 is another (pruned) model
-    assert "| no (its preset's decoder: attention) |" in rows["`linformer_100m`"]
+    assert "| no: the length projection mixes every position (its preset's decoder: attention) |" in rows[
+        "`linformer_100m`"]
     assert "| yes | yes |" in rows["`local_100m`"]
     assert run_figures(None) == {}
 
