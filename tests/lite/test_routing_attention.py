@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from lite.modules import CAUSAL_MIXERS, MixerSpec
 from lite.modules.routing_attention import STATE_NAMES, RoutingAttention, initial_centroids, routing_attention_from_spec
 from tests.conftest import assert_close, left_padding, tiny_model
+from tests.lite.mixer_checks import (assert_padded_frames_do_not_leak, assert_reorder_follows_beams,
+                                      assert_stepping_matches_full_pass)
 
 CLUSTERS = 3
 
@@ -136,47 +138,22 @@ def test_left_padding_changes_nothing(causal):
 def test_padded_frames_do_not_leak(causal):
     """Changing what sits at padded positions (left and right) changes nothing at real positions; pads give zero."""
     unit = make_unit(causal)
-    x = torch.randn(13, 2, 16)
-    mask = left_padding(2, 13, pads=3)
-    mask[0, -2:] = True  # the first sentence is right-padded
-    y = unit(x, mask)
-    x_other = x.clone()
-    x_other[:3, 1] = 1e3 * torch.randn(3, 16)
-    x_other[-2:, 0] = 1e3 * torch.randn(2, 16)
-    assert_close(unit(x_other, mask), y)
-    assert_close(y[:3, 1], torch.zeros(3, 16))
-    assert_close(y[-2:, 0], torch.zeros(2, 16))
+    x, mask, y = assert_padded_frames_do_not_leak(unit)
     assert_close(y, unit.reference_forward(x, mask))
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 7, 10, 33])
 def test_stepping_matches_full_causal_pass(length):
-    unit = make_unit(causal=True)
-    x = torch.randn(length, 3, 16)
-    state = {}
-    steps = torch.cat([unit(x[t:t + 1], incremental_state=state) for t in range(length)])
-    assert_close(steps, unit(x))
+    assert_stepping_matches_full_pass(make_unit(causal=True), length)
 
 
 @pytest.mark.parametrize("length", [2, 9, 23])
 def test_stepping_with_left_padding_matches_full_pass(length):
-    unit = make_unit(causal=True)
-    x, mask = torch.randn(length, 2, 16), left_padding(2, length, pads=min(5, length - 1))
-    state = {}
-    steps = torch.cat([unit(x[t:t + 1], mask[:, t:t + 1], state) for t in range(length)])
-    assert_close(steps, unit(x, mask))
+    assert_stepping_matches_full_pass(make_unit(causal=True), length, pads=min(5, length - 1))
 
 
 def test_reorder_incremental_state_follows_beams():
-    unit = make_unit(causal=True)
-    x = torch.randn(14, 3, 16)
-    order = torch.tensor([2, 2, 0])
-    state = {}
-    for t in range(6):
-        unit(x[t:t + 1], incremental_state=state)
-    unit.reorder_incremental_state(state, order)
-    reordered = torch.cat([unit(x[t:t + 1, order], incremental_state=state) for t in range(6, 14)])
-    assert_close(reordered, unit(x[:, order])[6:])
+    assert_reorder_follows_beams(make_unit(causal=True))
 
 
 def test_state_is_the_cached_frames_and_their_clusters():
