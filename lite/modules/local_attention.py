@@ -48,6 +48,17 @@ def front_order(padding_mask: Tensor) -> Tensor:
     return torch.where(padding_mask, real.sum(1, keepdim=True) + (1 - real).cumsum(1) - 1, real.cumsum(1) - 1)
 
 
+def to_front(x: Tensor, padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """x [B, T, C] with each row's real frames moved to the front (so blocks count from the first real token):
+    (moved x, real [B, T] = the frame is a real one, the scatter order [B, T, C] or None without a mask)."""
+    batch, length = x.shape[:2]
+    if padding_mask is None:
+        return x, torch.ones(batch, length, dtype=torch.bool, device=x.device), None
+    order = front_order(padding_mask).unsqueeze(-1).expand_as(x)  # [B, T, C]
+    real = (~padding_mask).sum(1, keepdim=True) > torch.arange(length, device=x.device)  # [B, T]
+    return torch.zeros_like(x).scatter(1, order, x), real, order
+
+
 class LocalAttention(PatternAttention):
     """Multi-head attention within blocks of ``block`` frames and the block before; causal in the decoder.
 
@@ -70,15 +81,8 @@ class LocalAttention(PatternAttention):
                 incremental_state: IncrementalState = None) -> Tensor:
         if incremental_state is not None:
             return self._steps(x, padding_mask, incremental_state)  # [T, B, C]
-        x = x.transpose(0, 1)  # [B, T, C]
+        x, real, order = to_front(x.transpose(0, 1), padding_mask)  # [B, T, C], [B, T], [B, T, C] | None
         batch, length = x.shape[:2]
-        if padding_mask is None:
-            real = torch.ones(batch, length, dtype=torch.bool, device=x.device)  # [B, T]
-            order = None
-        else:  # real frames to the front
-            order = front_order(padding_mask).unsqueeze(-1).expand_as(x)  # [B, T, C]
-            x = torch.zeros_like(x).scatter(1, order, x)
-            real = (~padding_mask).sum(1, keepdim=True) > torch.arange(length, device=x.device)  # [B, T]
         size = self.block
         pad = (size - length % size) % size  # the last block is padded with masked frames
         blocks = (length + pad) // size

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lite.modules.incremental import IncrementalState
-from lite.modules.local_attention import front_order
+from lite.modules.local_attention import to_front
 from lite.modules.pattern_attention import PatternAttention
 
 if TYPE_CHECKING:  # lite.modules imports this module to register it
@@ -126,15 +126,8 @@ class SinkhornAttention(PatternAttention):
                 incremental_state: IncrementalState = None) -> Tensor:
         if incremental_state is not None:
             return self._steps(x, padding_mask, incremental_state)  # [T, B, C]
-        x = x.transpose(0, 1)  # [B, T, C]
+        x, real, order = to_front(x.transpose(0, 1), padding_mask)  # [B, T, C], [B, T], [B, T, C] | None
         batch, length = x.shape[:2]
-        if padding_mask is None:
-            real = torch.ones(batch, length, dtype=torch.bool, device=x.device)  # [B, T]
-            order = None
-        else:  # real frames to the front
-            order = front_order(padding_mask).unsqueeze(-1).expand_as(x)  # [B, T, C]
-            x = torch.zeros_like(x).scatter(1, order, x)
-            real = (~padding_mask).sum(1, keepdim=True) > torch.arange(length, device=x.device)  # [B, T]
         size = self.block
         pad = (size - length % size) % size  # the last block is padded with masked frames
         blocks = (length + pad) // size
