@@ -6,7 +6,7 @@ import torch
 
 from lite.modules import CAUSAL_MIXERS, MixerSpec
 from lite.modules.bigbird_attention import BigBirdAttention, bigbird_attention_from_spec, random_keys
-from tests.conftest import ROOT, assert_close, left_padding, tiny_model
+from tests.conftest import assert_close, left_padding, tiny_model
 
 WINDOW, GLOBAL, RANDOM, MAX_LEN = 2, 1, 2, 40
 
@@ -173,17 +173,6 @@ def test_no_incremental_state_and_no_causal_build():
     with pytest.raises(ValueError, match="no causal form"):
         bigbird_attention_from_spec(spec(causal=True))
     assert "bigbird" not in CAUSAL_MIXERS
-
-
-def test_decoder_use_is_refused_at_build():
-    with pytest.raises(ValueError, match="^--decoder-mixer bigbird: bigbird has no causal form"):
-        tiny_model("bigbird_100m", decoder_mixer="bigbird")
-    from lite.train import ConfigError, load_config, train
-
-    config = load_config(ROOT / "configs" / "models" / "bigbird" / "tiny.yaml",
-                         ["data=unused", "save_dir=unused", "decoder_mixer=bigbird"])
-    with pytest.raises(ConfigError, match="^--decoder-mixer bigbird: bigbird has no causal form"):
-        train(config)
 
 
 def test_builder_reads_the_spec():

@@ -8,7 +8,7 @@ from torch import nn
 
 from lite.modules import CAUSAL_MIXERS, MIXERS, MixerSpec
 from lite.modules.isab import InducedSetAttention, isab_from_spec
-from tests.conftest import ROOT, assert_close, left_padding, tiny_model
+from tests.conftest import assert_close, left_padding, tiny_model
 
 POINTS = 3
 
@@ -151,25 +151,6 @@ def test_no_incremental_state_and_no_causal_build():
     with pytest.raises(ValueError, match="no causal form"):
         isab_from_spec(spec(causal=True))
     assert "isab" in MIXERS and "isab" not in CAUSAL_MIXERS
-
-
-def test_decoder_use_is_refused_at_build():
-    """One line, at build time, naming the mechanisms that can serve in a decoder."""
-    with pytest.raises(ValueError) as error:
-        tiny_model("isab_100m", decoder_mixer="isab")
-    message = str(error.value)
-    assert "\n" not in message
-    assert message == ("--decoder-mixer isab: isab has no causal form, so it cannot serve in the decoder; "
-                       f"mechanisms that can: {', '.join(sorted(CAUSAL_MIXERS))}")
-    assert "attention" in message and "longformer" in message
-    from lite.train import ConfigError, load_config, train
-
-    config = load_config(ROOT / "configs" / "models" / "isab" / "tiny.yaml",
-                         ["data=unused", "save_dir=unused", "decoder_mixer=isab"])
-    with pytest.raises(ConfigError, match="^--decoder-mixer isab: isab has no causal form"):
-        train(config)
-    # unless set, a model with the isab encoder takes the attention decoder
-    assert tiny_model("transformer_d128", encoder_mixer="isab").args.decoder_mixer == "attention"
 
 
 def test_builder_reads_the_spec():

@@ -3,9 +3,9 @@ left padding, the maximum length, and the refusal to serve in a decoder (no caus
 import pytest
 import torch
 
-from lite.modules import CAUSAL_MIXERS, MIXERS, MixerSpec
+from lite.modules import MixerSpec
 from lite.modules.linformer import Linformer, linformer_from_spec
-from tests.conftest import ROOT, assert_close, left_padding, tiny_model
+from tests.conftest import assert_close, left_padding, tiny_model
 
 
 def make_unit(max_len: int = 40, projected: int = 5) -> Linformer:
@@ -114,32 +114,6 @@ def test_the_preset_pairs_it_with_the_attention_decoder():
     args = tiny_model("linformer_100m").args
     assert (args.encoder_mixer, args.decoder_mixer, args.linformer_k, args.linformer_max_len) == \
         ("linformer", "attention", 32, 256)
-
-
-def test_a_decoder_mixer_without_causal_form_is_refused_at_build():
-    """One line, at build time (not a shape error later), naming the mechanisms that can serve in a decoder."""
-    assert CAUSAL_MIXERS == set(MIXERS) - {"linformer", "memory_compressed", "bigbird", "isab", "poolingformer"}
-    with pytest.raises(ValueError) as error:
-        tiny_model("linformer_100m", decoder_mixer="linformer")
-    message = str(error.value)
-    assert "\n" not in message
-    assert message == ("--decoder-mixer linformer: linformer has no causal form, so it cannot serve in the decoder; "
-                       "mechanisms that can: attention, conv, fastformer, gau, linear, local, longformer, lsra, "
-                       "performer, reformer, routing, sinkhorn, strided, synthesizer_dense, "
-                       "synthesizer_random")
-    # any mixer serves an encoder; unless set, the decoder takes the encoder's mixer only when it has a causal form
-    assert tiny_model("transformer_d128", encoder_mixer="linformer").args.decoder_mixer == "attention"
-    assert tiny_model("transformer_d128", encoder_mixer="local").args.decoder_mixer == "local"
-
-
-def test_lite_train_refuses_it_before_fairseq_starts(tmp_path):
-    from lite.train import ConfigError, load_config, train
-
-    config = load_config(ROOT / "configs" / "models" / "linformer" / "tiny.yaml",
-                         [f"data={tmp_path}", f"save_dir={tmp_path / 'ck'}", "decoder_mixer=linformer"])
-    with pytest.raises(ConfigError, match="^--decoder-mixer linformer: linformer has no causal form"):
-        train(config)
-    assert not (tmp_path / "ck").exists()
 
 
 def test_the_encoder_reads_at_most_max_len_positions():

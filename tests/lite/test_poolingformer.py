@@ -6,7 +6,7 @@ import torch
 
 from lite.modules import CAUSAL_MIXERS, MIXERS, MixerSpec
 from lite.modules.poolingformer import PoolingformerAttention, poolingformer_from_spec, pools_a_query
-from tests.conftest import ROOT, assert_close, left_padding, tiny_model
+from tests.conftest import assert_close, left_padding, tiny_model
 
 WINDOW, POOL_WINDOW, POOL = 2, 5, 3  # pools of 3 within 5: the window touches 2 to 5 pools, some partial
 
@@ -124,23 +124,6 @@ def test_no_incremental_state_and_no_causal_build():
     with pytest.raises(ValueError, match="no causal form"):
         poolingformer_from_spec(spec(causal=True))
     assert "poolingformer" in MIXERS and "poolingformer" not in CAUSAL_MIXERS
-
-
-def test_decoder_use_is_refused_at_build():
-    """One line, at build time, naming the mechanisms that can serve in a decoder."""
-    with pytest.raises(ValueError) as error:
-        tiny_model("poolingformer_100m", decoder_mixer="poolingformer")
-    message = str(error.value)
-    assert "\n" not in message
-    assert message == ("--decoder-mixer poolingformer: poolingformer has no causal form, so it cannot serve in the "
-                       f"decoder; mechanisms that can: {', '.join(sorted(CAUSAL_MIXERS))}")
-    assert "longformer" in message and "attention" in message
-    from lite.train import ConfigError, load_config, train
-
-    config = load_config(ROOT / "configs" / "models" / "poolingformer" / "tiny.yaml",
-                         ["data=unused", "save_dir=unused", "decoder_mixer=poolingformer"])
-    with pytest.raises(ConfigError, match="^--decoder-mixer poolingformer: poolingformer has no causal form"):
-        train(config)
 
 
 def test_builder_reads_the_spec():

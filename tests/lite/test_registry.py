@@ -7,11 +7,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lite.models.factory import arch_args
 from lite.modules import CAUSAL_MIXERS, MIXERS
-from tests.conftest import ROOT, TINY_CONFIG
+from lite.train import ConfigError, load_config, train
+from tests.conftest import ROOT, TINY_CONFIG, tiny_model
 from tests.eval.test_macs import GAU_FASTFORMER_ARCHS, PAPER_MACS, TINY_ARCHS
 from tests.export.test_export import EXPORTED
 from tests.lite.test_families import TRAINED
@@ -108,3 +110,28 @@ def test_parity_modules_name_their_mechanism():
     for mixer, module in PARITY_TESTS.items():
         if module is not None:
             assert MIXERS[mixer].__module__ in (ROOT / module).read_text(), (mixer, module, MIXERS[mixer].__module__)
+
+
+ENCODER_ONLY = sorted(set(MIXERS) - CAUSAL_MIXERS)
+
+
+def test_the_encoder_only_mixers():
+    assert ENCODER_ONLY == ["bigbird", "isab", "linformer", "memory_compressed", "poolingformer"]
+
+
+@pytest.mark.parametrize("mixer", ENCODER_ONLY)
+def test_an_encoder_only_mixer_is_refused_in_the_decoder_at_build(mixer, tmp_path):
+    """One line, when the model is built (not a shape error at step 7) and before fairseq-train starts, naming the
+    mechanisms that can serve; unless set, a model with that encoder takes the attention decoder."""
+    expected = (f"--decoder-mixer {mixer}: {mixer} has no causal form, so it cannot serve in the decoder; "
+                f"mechanisms that can: {', '.join(sorted(CAUSAL_MIXERS))}")
+    with pytest.raises(ValueError) as error:
+        tiny_model(f"{mixer}_100m", decoder_mixer=mixer)
+    assert str(error.value) == expected
+    config = load_config(ROOT / "configs" / "models" / mixer / "tiny.yaml",
+                         [f"data={tmp_path}", f"save_dir={tmp_path / 'ck'}", f"decoder_mixer={mixer}"])
+    with pytest.raises(ConfigError) as refused:
+        train(config)
+    assert str(refused.value) == expected and not (tmp_path / "ck").exists()
+    assert tiny_model("transformer_d128", encoder_mixer=mixer).args.decoder_mixer == "attention"
+    assert tiny_model("transformer_d128", encoder_mixer="local").args.decoder_mixer == "local"
