@@ -34,7 +34,7 @@ demo: $(STAMP)
 	echo "Ein kleiner Hund läuft über die Wiese." | $(BIN)/lite translate --backend onnx --model $(DEMO)/lsra/onnx/int8
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadscope tests
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -44,13 +44,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 processes on 2 c
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n N --dist loadgroup`` a test file runs on one worker, so its module fixtures are built once;
-    a test marked with an ``xdist_group`` of its own (each family's tiny training) goes wherever a worker is free."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+SPREAD = {"tests/lite/test_families.py"}  # test files whose tests (one tiny training each) go to any free worker
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``pytest -n N`` a test file runs on one worker, so its module fixtures are built once, except the files
+    in ``SPREAD``, whose tests are shared out one by one. (xdist's own ``--dist loadgroup`` marks cannot do this
+    under pytest 9: they rename the node ids, which pytest 9 no longer lets a plugin do, and silently run as
+    ``--dist load``.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPREAD else path
+
+    return FileScheduling(config, log)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

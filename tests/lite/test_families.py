@@ -21,7 +21,7 @@ SURVEY = ["linear", "performer", "local", "synthesizer_dense", "synthesizer_rand
 TRAINED = ["flash_quad", "flash", "fastformer", *SURVEY]  # families whose tiny model is trained here
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xdist_group(f)) for f in TRAINED])
+@pytest.mark.parametrize("family", TRAINED)
 def test_tiny_model_clears_the_bleu_floor(family, workdir, tmp_path):
     """...and a survey mechanism's model decodes on the ONNX Runtime translator exactly as in torch."""
     config = load_config(ROOT / "configs" / "models" / family / "tiny.yaml",
