@@ -17,6 +17,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+from filelock import FileLock
 from hypothesis import settings
 
 import lite.models  # noqa: F401  (registers the models)
@@ -128,26 +129,42 @@ def run(cmd, **kwargs):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kwargs)
 
 
+@contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A dir that the workers of one test run share: the first to get here builds it (the flag is True), the others
+    wait for that and reuse it. A build that raised leaves no mark, so the next one tries again."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with FileLock(f"{path}.lock"):
+        built = path / ".built"
+        yield path, not built.exists()
+        built.touch()
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
+    """The embedded corpus prepared (vocabulary 1000), once per test run; tests write only below their tmp_path."""
     from lite.corpus import write_default_corpus
     from lite.data import prepare
 
-    root = tmp_path_factory.mktemp("pipeline")
-    write_default_corpus(root / "text")
-    prepare(root / "text", root / "data", vocab_size=1000)
+    with built_once(tmp_path_factory, "pipeline") as (root, build):
+        if build:
+            write_default_corpus(root / "text")
+            prepare(root / "text", root / "data", vocab_size=1000)
     return root
 
 
 @pytest.fixture(scope="session")
-def trained(workdir):
-    """A tiny LSRA trained for a few minutes; returns its checkpoint."""
+def trained(workdir, tmp_path_factory):
+    """A tiny LSRA trained for a few minutes, once per test run; returns its checkpoint (copy it to change it)."""
     from lite.train import load_config, train
 
-    config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={workdir / 'ck'}",
-                                       f"max_update={TINY_UPDATES}"])
-    assert train(config) == 0
-    return workdir / "ck" / "checkpoint_best.pt"
+    with built_once(tmp_path_factory, "pipeline/ck") as (save_dir, build):
+        if build:
+            config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={save_dir}",
+                                               f"max_update={TINY_UPDATES}"])
+            assert train(config) == 0
+    return save_dir / "checkpoint_best.pt"
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +174,7 @@ def model_dir(trained, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("model_dir")
     checkpoint = root / "model.pt"
-    shutil.copy(trained, checkpoint)  # other tests keep training the original
+    shutil.copy(trained, checkpoint)
     return export(checkpoint, root / "onnx")
 
 

@@ -28,7 +28,7 @@ def fp32(trained, workdir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("inc")
     checkpoint = root / "model.pt"
-    shutil.copy(trained, checkpoint)  # other tests keep training the original
+    shutil.copy(trained, checkpoint)
     return export(checkpoint, root / "fp32")
 
 

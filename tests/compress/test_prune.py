@@ -253,7 +253,7 @@ def test_named_kinds_prune_and_the_checkpoint_check_refuses_what_args_cannot_des
 @pytest.fixture(scope="module")
 def trained_copy(trained, tmp_path_factory):
     """The tiny LSRA of configs/models/lsra/tiny.yaml trained with real `lite train` (conftest's ``trained``, on
-    conftest's ``workdir`` data), copied: other tests keep training the original."""
+    conftest's ``workdir`` data), copied: what prune writes goes beside the copy."""
     checkpoint = tmp_path_factory.mktemp("prune") / "checkpoint_best.pt"
     shutil.copy(trained, checkpoint)
     return checkpoint

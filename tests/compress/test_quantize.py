@@ -70,7 +70,7 @@ def fp32(trained, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quantize")
     checkpoint = root / "model.pt"
-    shutil.copy(trained, checkpoint)  # other tests keep training the original
+    shutil.copy(trained, checkpoint)
     return export(checkpoint, root / "fp32", ort=True)
 
 

@@ -24,7 +24,7 @@ def stages(trained, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     checkpoint = root / "model.pt"
-    shutil.copy(trained, checkpoint)  # other tests keep training the original
+    shutil.copy(trained, checkpoint)
     fp32 = export(checkpoint, root / "fp32")
     int8 = quantize(fp32, root / "int8", compact=False)  # one file per graph: the byte arithmetic below
     return checkpoint, measure_stage("fp32", fp32, "test"), measure_stage("int8", int8, "test")

@@ -105,11 +105,11 @@ def test_bad_options_and_dirs_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def transformer(workdir):
+def transformer(workdir, tmp_path_factory):
     """A tiny Transformer (embed 32, 2+2 layers, 300 updates) trained on the embedded corpus; its checkpoint."""
     from lite.train import load_config, train
 
-    save_dir = workdir / "ck_transformer"
+    save_dir = tmp_path_factory.mktemp("ck_transformer")
     config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={save_dir}", *TRANSFORMER])
     assert train(config) == 0
     return save_dir / "checkpoint_best.pt"

@@ -135,7 +135,7 @@ def test_slimmed_and_ort_format_graphs_match_pytorch(arch, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    """(checkpoint, model dir): a copy of the tiny trained LSRA (other tests keep training the original)."""
+    """(checkpoint, model dir): a copy of the tiny trained LSRA; what it writes stays beside the copy."""
     root = tmp_path_factory.mktemp("export")
     checkpoint = root / "model.pt"
     shutil.copy(trained, checkpoint)

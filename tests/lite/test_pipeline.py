@@ -1,6 +1,7 @@
 """End to end on the embedded corpus: prepare -> lite train (tiny) -> lite eval / translate / fairseq-generate,
 with resume, safe checkpoint loading and bad checkpoints."""
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +19,16 @@ from lite.torch_translator import TorchTranslator
 from tests.conftest import BLEU_FLOOR, LITE, TINY_CONFIG, TINY_UPDATES, fairseq_generate, run
 
 
-def test_trained_model_clears_the_bleu_floor_an_untrained_one_cannot(workdir, trained):
-    result = evaluate(trained, "test", out_dir=workdir / "eval")
+def test_trained_model_clears_the_bleu_floor_an_untrained_one_cannot(workdir, trained, tmp_path):
+    result = evaluate(trained, "test", out_dir=tmp_path / "eval")
     assert result["bleu"] > BLEU_FLOOR, result
     assert result["bleu_signature"].startswith("nrefs:1|") and "|nc:6|" in result["chrf_signature"]
     assert Path(result["hypotheses"]).read_text(encoding="utf-8").count("\n") == result["sentences"]
 
-    untrained = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={workdir / 'untrained'}",
+    untrained = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={tmp_path / 'untrained'}",
                                           "max_update=1"])
     assert train(untrained) == 0
-    assert evaluate(workdir / "untrained" / "checkpoint_last.pt", "test", out_dir=workdir / "eval0")["bleu"] < 5
+    assert evaluate(tmp_path / "untrained" / "checkpoint_last.pt", "test", out_dir=tmp_path / "eval0")["bleu"] < 5
 
 
 def test_checkpoints_load_weights_only(trained):
@@ -38,13 +39,15 @@ def test_checkpoints_load_weights_only(trained):
     assert plain.returncode != 0 and "argparse.Namespace" in plain.stderr
 
 
-def test_training_resumes_from_the_last_checkpoint(workdir, trained):
-    log = run([*LITE, "train", str(TINY_CONFIG), f"data={workdir / 'data'}", f"save_dir={workdir / 'ck'}",
+def test_training_resumes_from_the_last_checkpoint(workdir, trained, tmp_path):
+    save_dir = tmp_path / "ck"
+    shutil.copytree(trained.parent, save_dir)
+    log = run([*LITE, "train", str(TINY_CONFIG), f"data={workdir / 'data'}", f"save_dir={save_dir}",
                f"max_update={TINY_UPDATES + 20}"])
     assert log.returncode == 0, log.stderr[-2000:]
     assert re.search(rf"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ {TINY_UPDATES} updates\)",
                      log.stdout + log.stderr)
-    assert torch.load(workdir / "ck" / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1][
+    assert torch.load(save_dir / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1][
         "num_updates"] == TINY_UPDATES + 20
 
 
