@@ -48,6 +48,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 processes on 2 c
 SPREAD = {"tests/lite/test_families.py"}  # test files whose tests (one tiny training each) go to any free worker
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config, log):
     """Under ``pytest -n N`` a test file runs on one worker, so its module fixtures are built once, except the files
     in ``SPREAD``, whose tests are shared out one by one. (xdist's own ``--dist loadgroup`` marks cannot do this

@@ -1,5 +1,6 @@
 """lite scaling: latency vs length per architecture; the decoder state it reports equals a count by hand (softmax
-attention's grows with the length, linear attention's does not), bad lengths and names are refused."""
+attention's grows with the length, linear attention's does not), lengths past a fixed maximum are left out, an
+architecture with no length it takes and unknown names are refused."""
 import pytest
 
 from eval.scaling import BEAM, ScalingError, markdown, measure
@@ -8,7 +9,7 @@ from lite.cli import main
 
 @pytest.fixture(scope="module")
 def points():
-    return measure("transformer_d128", [4, 8], repeat=1) + measure("linear_100m", [4, 8], repeat=1)
+    return measure("transformer_d128", [4, 8, 300], repeat=1) + measure("linear_100m", [4, 8], repeat=1)
 
 
 def test_state_sizes_equal_a_hand_count(points):
@@ -20,6 +21,14 @@ def test_state_sizes_equal_a_hand_count(points):
     assert all(p.encoder_ms > 0 and p.step_ms > 0 for p in points)
     table = markdown(points, threads=1)
     assert "| `linear_100m` |" in table and "L = 8" in table
+
+
+def test_lengths_past_a_fixed_maximum_are_left_out_of_that_row_only(points):
+    capped = measure("synthesizer_dense_100m", [8, 300], repeat=1)  # --synthesizer-max-len 256
+    assert [p.length for p in capped] == [8]
+    rows = {line.split(" | ")[0]: line for line in markdown(points + capped, threads=1).splitlines()}
+    assert rows["| `synthesizer_dense_100m`"].endswith(" | – |")
+    assert "–" not in rows["| `transformer_d128`"]
 
 
 def test_bad_lengths_and_names_are_refused(capsys):
