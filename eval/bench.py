@@ -17,7 +17,9 @@ Figures per target and thread count (the JSON's ``results``; times in ms, sizes 
     tokens_per_s        batch ``--batch`` (sentences sorted by length, as each runtime does best), beam ``--beam``:
                         target words (whitespace-separated) of the output per second
     rss_libs_mb         resident memory with the backend's libraries imported, no model
-    peak_rss_mb         peak resident memory of the worker (VmHWM)
+    rss_loaded_mb       resident memory with the model loaded, before the first sentence
+    peak_rss_batch1_mb  peak resident memory after the batch-1 runs (before the batched one)
+    peak_rss_mb         peak resident memory of the worker (VmHWM), all runs
     bytes               model bytes on disk (the checkpoint, the model dir, the CTranslate2 dir)
     bleu                sacreBLEU of the batch-1 beam output against ``--reference`` (if given)
     same_as_first       hypotheses equal to the first target's (same sentences, batch 1, beam)
@@ -42,7 +44,7 @@ from lite.errors import LiteError
 
 BACKENDS = ("torch", "onnx", "ort", "ct2")
 TIMED = ("load_s", "latency_ms_p50", "latency_ms_p90", "greedy_ms_p50", "greedy_ms_p90", "tokens_per_s",
-         "rss_libs_mb", "peak_rss_mb")
+         "rss_libs_mb", "rss_loaded_mb", "peak_rss_batch1_mb", "peak_rss_mb")
 
 
 class BenchError(LiteError, ValueError):
@@ -164,6 +166,7 @@ def measure(target: Target, sources: list[str], config: BenchConfig, threads: in
     start = time.perf_counter()
     translator, weights = _open(target, config, threads)
     load_s = time.perf_counter() - start
+    rss_loaded = _status_mb("VmRSS")
     for line in sources[:config.warmup]:
         translator.translate([line])
 
@@ -178,6 +181,7 @@ def measure(target: Target, sources: list[str], config: BenchConfig, threads: in
 
     outputs, beam_ms = one_at_a_time(config.beam)
     _, greedy_ms = one_at_a_time(1)
+    peak_batch1 = _status_mb("VmHWM")
     _set_search(translator, config.beam, config.batch)
     start = time.perf_counter()
     batched = translator.translate(sources)
@@ -188,8 +192,8 @@ def measure(target: Target, sources: list[str], config: BenchConfig, threads: in
         "greedy_ms_p50": round(statistics.median(greedy_ms), 2),
         "greedy_ms_p90": round(_percentile(greedy_ms, 0.9), 2),
         "tokens_per_s": round(sum(len(h.split()) for h in batched) / seconds, 1),
-        "rss_libs_mb": round(rss_libs, 1),
-        "peak_rss_mb": round(_status_mb("VmHWM"), 1),
+        "rss_libs_mb": round(rss_libs, 1), "rss_loaded_mb": round(rss_loaded, 1),
+        "peak_rss_batch1_mb": round(peak_batch1, 1), "peak_rss_mb": round(_status_mb("VmHWM"), 1),
         "bytes": _bytes(weights), "outputs": outputs,
         "latency_by_length": [[len(line.split()), round(ms, 2)] for line, ms in zip(sources, beam_ms)],
     }

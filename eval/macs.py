@@ -48,9 +48,10 @@ ELEMENTWISE = {"aten::glu", "aten::masked_fill", "aten::triu", "aten::new_full",
                "aten::maximum", "aten::exp", "aten::cat", "aten::stack", "aten::elu", "aten::amax",
                "aten::narrow", "aten::scatter", "aten::__and__", "aten::__or__", "aten::tril",
                # the routing's and the hash's argmax, Reformer's bucket sort, the keys' unit norms (a reduction, not
-               # counted, as layer norm is not) and the logsumexp of Sinkhorn's balancing and Reformer's rounds
+               # counted, as layer norm is not), the logsumexp and running log-sums of Sinkhorn's balancing and the
+               # logsumexp of Reformer's rounds
                "aten::argmax", "aten::sort", "aten::full_like", "aten::linalg_vector_norm", "aten::clamp_min",
-               "aten::logsumexp"}
+               "aten::logsumexp", "aten::log"}
 
 
 class MacsError(LiteError, ValueError):

@@ -68,14 +68,13 @@ def sinkhorn(logits: Tensor, mask: Tensor, iterations: int, causal: bool) -> Ten
     """log P from R / tau: logits [..., N, N], mask [..., N, N] bool (the entries that take part) -> [..., N, N]: K
     rounds of row then column normalization by logsumexp over the unmasked entries; masked entries are the dtype's
     lowest value (P = 0 there). Causal: entry (i, j)'s column sum runs over the rows i' <= i only."""
-    low = torch.finfo(logits.dtype).min
+    low, tiny = torch.finfo(logits.dtype).min, torch.finfo(logits.dtype).tiny
     log_p = logits.masked_fill(~mask, low)
-    rows = torch.arange(logits.size(-1), device=logits.device)
-    earlier = (rows.unsqueeze(1) >= rows).unsqueeze(-1)  # [N(i), N(i'), 1]: i' <= i
     for _ in range(iterations):
         log_p = (log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)).masked_fill(~mask, low)  # rows sum to 1
-        if causal:  # [..., N(i), N(i'), N(j)] -> [..., N(i), N(j)]: the column's sum over rows up to i
-            column = torch.logsumexp(log_p.unsqueeze(-3).masked_fill(~earlier, low), dim=-2)
+        if causal:  # the column's sum over rows up to i, a running sum in O(N^2) (ONNX has no cumulative logsumexp):
+            top = log_p.amax(dim=-2, keepdim=True)  # [..., 1, N(j)] shifted by the column's largest entry
+            column = torch.log(torch.cumsum(torch.exp(log_p - top), dim=-2).clamp_min(tiny)) + top
         else:
             column = torch.logsumexp(log_p, dim=-2, keepdim=True)
         log_p = (log_p - column).masked_fill(~mask, low)  # columns sum to 1 (causal: up to each row)
