@@ -11,7 +11,7 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # then the packages it imports (transformers: onnx_model.py imports it at the top)
 INC := onnx-neural-compressor==1.0
 INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
-TEST_DEPS := pytest hypothesis pytest-xdist
+TEST_DEPS := pytest hypothesis pytest-xdist filelock
 # test processes: each file on one worker (its module fixtures built once), the tiny trainings spread (tests/conftest.py)
 TEST_WORKERS ?= 2
 DEMO := runs/embedded
