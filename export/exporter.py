@@ -50,7 +50,7 @@ def _io_names(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, List[str]]
 
 
 def _dynamic_axes(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, Dict[int, str]]]:
-    memory = {name: {0: "batch", 2: "src_len"} for name in memory_names(decoder)}
+    memory = {name: {0: "sentences", 2: "src_len"} for name in memory_names(decoder)}
     states, next_states = {}, {}
     for s in specs:
         states[s.name] = {s.batch_axis: "batch"}
@@ -59,27 +59,27 @@ def _dynamic_axes(decoder, specs: List[StateSpec]) -> Dict[str, Dict[str, Dict[i
             states[s.name][s.time_axis] = "steps"
             next_states[s.name + ".next"][s.time_axis] = "steps_next"
     return {
-        "encoder": {"src_tokens": {0: "batch", 1: "src_len"}, "encoder_padding_mask": {0: "batch", 1: "src_len"},
-                    **memory},
-        "decoder_step": {"tokens": {0: "batch"}, "order": {0: "batch"},
-                         "encoder_padding_mask": {0: "batch", 1: "src_len"}, **memory, **states,
+        "encoder": {"src_tokens": {0: "sentences", 1: "src_len"},
+                    "encoder_padding_mask": {0: "sentences", 1: "src_len"}, **memory},
+        "decoder_step": {"tokens": {0: "batch"}, "order": {0: "batch"},  # batch: rows, a multiple of sentences
+                         "encoder_padding_mask": {0: "sentences", 1: "src_len"}, **memory, **states,
                          "log_probs": {0: "batch"}, **next_states},
     }
 
 
 @torch.no_grad()
 def _trace_examples(model, specs: List[StateSpec]):
-    """Inputs to trace with: batch 2, source length 5 (one row padded), states after 3 steps."""
+    """Inputs to trace with: 2 sentences of source length 5 (one padded), 2 hypotheses each, states after 3 steps."""
     generator = torch.Generator().manual_seed(0)
     src = sources(model.decoder.dictionary, 2, 5, generator)
     encoded = Encoder(model)(src)
     mask, memory = encoded[0], list(encoded[1:])
     step = DecoderStep(model.decoder, specs)
-    states = initial_states(model.decoder, specs, 2)
-    tokens = torch.full((2,), model.decoder.dictionary.eos())
+    states = initial_states(model.decoder, specs, 4)
+    tokens = torch.full((4,), model.decoder.dictionary.eos())
     for t in range(3):
-        states = list(step(tokens, torch.tensor(t), torch.arange(2), mask, *memory, *states)[1:])
-    return (src,), (tokens, torch.tensor(3), torch.tensor([1, 0]), mask, *memory, *states)
+        states = list(step(tokens, torch.tensor(t), torch.arange(4), mask, *memory, *states)[1:])
+    return (src,), (tokens, torch.tensor(3), torch.tensor([1, 0, 3, 3]), mask, *memory, *states)
 
 
 def export_graphs(model, out: Path) -> Dict:

@@ -2,8 +2,11 @@
 
     encoder:      src_tokens [B, S] (left-padded)
                   -> encoder_padding_mask [B, S], memory.<layer>.prev_key / prev_value [B, H, S, D] per cross attention
-    decoder step: tokens [N], step [] (0-based), order [N], encoder_padding_mask [N, S], memory..., state...
+    decoder step: tokens [N], step [] (0-based), order [N], encoder_padding_mask [B, S], memory..., state...
                   -> log_probs [N, V], state... (the next step's)
+
+N = B * K rows, K hypotheses per sentence (row r belongs to sentence r // K); the encoder's outputs are fed to
+every step as they came, once per sentence (cross attention groups the rows by sentence, export/step_attention.py).
 
 Every piece of the decoder's incremental state is an explicit input and output (``StateSpec``). What a lite
 mechanism keeps before the first step it declares itself (``initial_state``, ``lite.modules.incremental.Stateful``);
@@ -153,7 +156,8 @@ class Encoder(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    """(tokens [N], step [], order [N], encoder_padding_mask [N, S], *memory, *state) -> (log_probs [N, V], *state)."""
+    """(tokens [N], step [], order [N], encoder_padding_mask [B, S], *memory [B, ...], *state) -> (log_probs [N, V],
+    *state); N a multiple of B."""
 
     def __init__(self, decoder: nn.Module, specs: List[StateSpec]):
         super().__init__()
@@ -165,13 +169,15 @@ class DecoderStep(nn.Module):
     def _run(self, tokens: Tensor, step: Tensor, order: Tensor, memory: Dict[str, Tensor],
              states: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
         incremental: State = {}
-        for name, m in self.crosses:
+        for spec, tensor in zip(self.specs, states):
+            _put(incremental, self.owners[spec.module], spec.key, spec.field, tensor)
+        self.decoder.reorder_incremental_state_scripting(incremental, order)
+        sentences = memory["encoder_padding_mask"].size(0)  # B, read once here rather than in every cross attention
+        for name, m in self.crosses:  # after the reordering: the memory is per sentence, whatever the rows do
             for field in ("prev_key", "prev_value"):
                 _put(incremental, m, "attn_state", field, memory[f"memory.{name}.{field}"])
             _put(incremental, m, "attn_state", "prev_key_padding_mask", memory["encoder_padding_mask"])
-        for spec, tensor in zip(self.specs, states):
-            _put(incremental, self.owners[spec.module], spec.key, spec.field, tensor)
-        self.decoder.reorder_incremental_state_scripting(incremental, order)  # cross attention keeps its memory
+            _put(incremental, m, "attn_state", "sentences", sentences)
         features = self.decoder.decode_step(tokens, step, incremental)  # [N, 1, C]
         logits = self.decoder.output_layer(features).reshape(-1, self.vocab)  # [N, V]: a view, where [:, 0] copies
         log_probs = F.log_softmax(logits.float(), dim=-1)

@@ -27,7 +27,7 @@ import numpy as np
 from lite.errors import LiteError
 from lite.files import staged_dir, write_json
 
-FORMAT = 1
+FORMAT = 2  # 2: the decoder step reads the encoder's outputs once per sentence, not per hypothesis
 GRAPHS = ("encoder", "decoder_step")
 DESCRIPTION = "model.json"
 # what the translator reads from model.json; a dir without one of them is refused when opened
@@ -115,7 +115,8 @@ class ModelDir:
         if missing:
             raise ModelDirError(f"{meta}: missing {', '.join(missing)}; re-export the model with `lite export`")
         if description["format"] != FORMAT:
-            raise ModelDirError(f"{meta}: format {description['format']!r}, this toolkit reads format {FORMAT}")
+            raise ModelDirError(f"{meta}: format {description['format']!r}, this toolkit reads format {FORMAT}: "
+                                 "re-export the model with `lite export`")
         if not isinstance(description["files"], dict):
             raise ModelDirError(f"{meta}: 'files' is not a mapping of file name to sha256")
         for name, digest in description["files"].items():

@@ -40,14 +40,13 @@ class OnnxStepModel:
         self.log_probs_only = candidates.INPUTS if self.candidates else {}  # the extra inputs, passing them as is
 
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
-        """src_tokens int64 [B, S] -> memory repeated per hypothesis [B * beam, ...] and fresh states, bound to a
-        new I/O binding that the steps of this search reuse (only tokens, order, step and states change)."""
-        mask, *memory = self.encoder.run(None, {"src_tokens": src_tokens})
+        """src_tokens int64 [B, S] -> the encoder's outputs (once per sentence, [B, ...]) and fresh states for
+        B * beam rows, bound to a new I/O binding that the steps of this search reuse (only tokens, order, step and
+        states change)."""
+        outputs = self.encoder.run_with_ort_values(None, {"src_tokens": self.ort.OrtValue.ortvalue_from_numpy(src_tokens)})
+        self.memory = dict(zip(["encoder_padding_mask", *self.memory_names], outputs))
         rows = src_tokens.shape[0] * beam
-        value = self.ort.OrtValue.ortvalue_from_numpy
-        self.memory = {"encoder_padding_mask": value(np.repeat(mask, beam, axis=0)),
-                       **{n: value(np.repeat(m, beam, axis=0)) for n, m in zip(self.memory_names, memory)}}
-        self.values = [value(s.initial(rows)) for s in self.states]
+        self.values = [self.ort.OrtValue.ortvalue_from_numpy(s.initial(rows)) for s in self.states]
         self.step_index = 0
         self.binding = self.decoder_step.io_binding()
         for name, v in self.memory.items():

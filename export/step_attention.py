@@ -7,7 +7,8 @@ math with constant shapes needs none of them. ``step_attention`` patches the dec
 is traced; every other call (the encoder, a full-sequence pass, a form this does not cover) goes to fairseq's.
 
     self attention:  q, k, v [N, H, 1, D]; k, v appended to the cached prev_key / prev_value [N, H, t, D]
-    cross attention: q [N, H, 1, D] against the memory prev_key / prev_value [N, H, S, D], padded keys -> -inf
+    cross attention: the memory prev_key / prev_value [B, H, S, D] is held once per sentence; the N = B * K rows
+                     (row r: sentence r // K) query it K at a time, q [B, H, K, D]; padded keys -> -inf
 """
 from __future__ import annotations
 
@@ -36,21 +37,26 @@ def _step(m: MultiheadAttention, query: Tensor, incremental_state) -> Tensor:
     """query 1 x N x C -> 1 x N x C; the cache in ``incremental_state`` grows by one frame for self attention."""
     heads, dim = m.num_heads, m.head_dim
     saved = m._get_input_buffer(incremental_state)
-    q = (m.q_proj(query) * m.scaling).reshape(-1, heads, 1, dim)  # [N, H, 1, D]; query stays 3-D: MatMul, not Gemm
+    q = m.q_proj(query) * m.scaling  # [1, N, H*D]; query stays 3-D: MatMul, not Gemm
     if m.self_attention:
+        q = q.reshape(-1, heads, 1, dim)  # [N, H, 1, D]
         k = torch.cat([saved["prev_key"], m.k_proj(query).reshape(-1, heads, 1, dim)], dim=2)  # [N, H, t + 1, D]
         v = torch.cat([saved["prev_value"], m.v_proj(query).reshape(-1, heads, 1, dim)], dim=2)
         saved["prev_key"], saved["prev_value"] = k, v
         m._set_input_buffer(incremental_state, saved)
         mask = None
     else:
-        k, v, mask = saved["prev_key"], saved["prev_value"], saved.get("prev_key_padding_mask")  # [N, H, S, D]
-    scores = torch.matmul(q, k.transpose(2, 3))  # [N, H, 1, t]
+        k, v, mask = saved["prev_key"], saved["prev_value"], saved.get("prev_key_padding_mask")  # [B, H, S, D]
+        sentences = saved.get("sentences", k.size(0))  # B (export/graphs.py puts it there, out of this scope)
+        q = q.reshape(sentences, -1, heads, dim).transpose(1, 2)  # [B, K, H, D] -> [B, H, K, D]
+    scores = torch.matmul(q, k.transpose(2, 3))  # [N, H, 1, t] | [B, H, K, S]
     if mask is not None:
         scores = scores.masked_fill(mask.to(torch.bool)[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).type_as(scores)
-    attn = torch.matmul(probs, v).reshape(1, -1, heads * dim)  # [1, N, H*D], heads in fairseq's order
-    return m.out_proj(attn)
+    attn = torch.matmul(probs, v)  # [N, H, 1, D] | [B, H, K, D]
+    if not m.self_attention:
+        attn = attn.transpose(1, 2)  # [B, K, H, D]
+    return m.out_proj(attn.reshape(1, -1, heads * dim))  # [1, N, H*D], heads in fairseq's order
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Export validates itself: output names, then shapes, then values of the ONNX graphs against PyTorch.
 
-The grid: batch {1, 3} x source length {1, 7, 33} (a batch of 3 holds left-padded shorter sentences) x 10
-decoding steps with random tokens and a random beam reordering at every step. Tolerance 1e-4 (fp32).
+The grid: {1 sentence x 1 hypothesis, 3 sentences x 2 hypotheses} x source length {1, 7, 33} (a batch of 3 holds
+left-padded shorter sentences) x 10 decoding steps with random tokens and a random beam reordering (within each
+sentence's hypotheses, as beam search reorders) at every step. Tolerance 1e-4 (fp32).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from export.search import SearchOptions, penalize, top_candidates
 from export.model_dir import StateSpec
 from lite.errors import CriterionNotMet
 
-BATCHES, SOURCE_LENGTHS, STEPS, ATOL = (1, 3), (1, 7, 33), 10, 1e-4
+BATCHES, SOURCE_LENGTHS, STEPS, ATOL = ((1, 1), (3, 2)), (1, 7, 33), 10, 1e-4  # batches: (sentences, beam)
 RTOL = 1e-6  # on top of ATOL, for large accumulators (linear attention's running sums reach 1e2: 16 float32 ulps)
 Run = Callable[[Dict[str, np.ndarray]], List[np.ndarray]]  # one graph: feeds -> outputs in graph order
 
@@ -103,20 +104,22 @@ def validate(model: nn.Module, specs: List[StateSpec], encoder: Run, decoder_ste
     torch_encoder, torch_step = Encoder(model), DecoderStep(model.decoder, specs)
     names = memory_names(model.decoder)
     worst, cases = 0.0, 0
-    for batch in BATCHES:
+    for batch, beam in BATCHES:
+        rows = batch * beam
         for length in SOURCE_LENGTHS:
-            where = f"batch {batch}, source length {length}"
+            where = f"{batch} sentences x {beam} hypotheses, source length {length}"
             src = sources(dictionary, batch, length, generator)
             expected = torch_encoder(src)
             actual = encoder({"src_tokens": src.numpy()})
             worst = max(worst, _compare("encoder", output_names["encoder"], expected, actual, where))
             mask, memory = actual[0], actual[1:]
             t_mask, t_memory = expected[0], list(expected[1:])
-            t_states = initial_states(model.decoder, specs, batch)
+            t_states = initial_states(model.decoder, specs, rows)
             states = [t.numpy() for t in t_states]
+            first_row = torch.arange(rows) // beam * beam  # [N]: the first row of each row's sentence
             for step in range(STEPS):
-                tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch,), generator=generator)
-                order = torch.randint(0, batch, (batch,), generator=generator) if step else torch.arange(batch)
+                tokens = torch.randint(dictionary.nspecial, len(dictionary), (rows,), generator=generator)
+                order = first_row + torch.randint(0, beam, (rows,), generator=generator) if step else torch.arange(rows)
                 feeds = {"tokens": tokens.numpy(), "step": np.array(step, dtype=np.int64), "order": order.numpy(),
                          "encoder_padding_mask": mask, **dict(zip(names, memory)),
                          **{s.name: a for s, a in zip(specs, states)}}
