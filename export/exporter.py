@@ -26,7 +26,7 @@ from export import candidates
 from export.graphs import DecoderStep, Encoder, initial_states, memory_names, state_specs
 from export.model_dir import FORMAT, GRAPHS, StateSpec, stage, write_description
 from export.ort_format import to_ort
-from export.step_attention import step_attention
+from export.step_attention import contrib_attention, step_attention
 from export.validate import ExportMismatch, onnx_runner, sources, validate
 from lite.errors import LiteError
 
@@ -99,18 +99,20 @@ def export_graphs(model, out: Path) -> Dict:
             warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic, expected
             torch.onnx.export(modules[graph], examples[graph], str(path), input_names=traced["inputs"],
                               output_names=traced["outputs"], dynamic_axes=axes[graph], opset_version=OPSET,
-                              dynamo=False)
-        if graph == "decoder_step":
-            _add_candidates(path, model.decoder.dictionary)
+                              custom_opsets={"lite": 1}, dynamo=False)
+        _finish(path, model.decoder.dictionary if graph == "decoder_step" else None)
         check_graph(path)
     return {"states": [s.to_json() for s in specs], "io": names}
 
 
-def _add_candidates(path: Path, dictionary) -> None:
+def _finish(path: Path, dictionary) -> None:
+    """The traced graph's attention steps as ONNX Runtime kernels; the decoder step's candidates (``dictionary``)."""
     import onnx
 
     model = onnx.load(str(path))
-    candidates.add_candidates(model, pad=dictionary.pad(), eos=dictionary.eos(), unk=dictionary.unk())
+    contrib_attention(model)
+    if dictionary is not None:
+        candidates.add_candidates(model, pad=dictionary.pad(), eos=dictionary.eos(), unk=dictionary.unk())
     onnx.save(model, str(path))
 
 

@@ -24,6 +24,7 @@ from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
 from export.model_dir import StateSpec
+from export.step_attention import grouping
 from lite.modules.incremental import Stateful, StateSlot
 
 State = Dict[str, object]  # fairseq's incremental state: "<module id>.<key>" -> Tensor | {field: Tensor}
@@ -172,12 +173,14 @@ class DecoderStep(nn.Module):
         for spec, tensor in zip(self.specs, states):
             _put(incremental, self.owners[spec.module], spec.key, spec.field, tensor)
         self.decoder.reorder_incremental_state_scripting(incremental, order)
-        sentences = memory["encoder_padding_mask"].size(0)  # B, read once here rather than in every cross attention
+        mask = memory["encoder_padding_mask"]  # [B, S]
+        rows, keep = grouping(mask), mask.eq(0).to(torch.int32)  # once here, not in every cross attention
         for name, m in self.crosses:  # after the reordering: the memory is per sentence, whatever the rows do
             for field in ("prev_key", "prev_value"):
                 _put(incremental, m, "attn_state", field, memory[f"memory.{name}.{field}"])
             _put(incremental, m, "attn_state", "prev_key_padding_mask", memory["encoder_padding_mask"])
-            _put(incremental, m, "attn_state", "sentences", sentences)
+            _put(incremental, m, "attn_state", "grouping", rows)
+            _put(incremental, m, "attn_state", "keep", keep)
         features = self.decoder.decode_step(tokens, step, incremental)  # [N, 1, C]
         logits = self.decoder.output_layer(features).reshape(-1, self.vocab)  # [N, V]: a view, where [:, 0] copies
         log_probs = F.log_softmax(logits.float(), dim=-1)

@@ -1,14 +1,17 @@
-"""fairseq's MultiheadAttention for one decoding step, written with the head count and head dim as constants.
+"""fairseq's MultiheadAttention for one decoding step, as one ONNX Runtime kernel per attention.
 
 fairseq's forward computes every reshape from the traced input sizes (``bsz * num_heads`` ...), which the ONNX
-exporter records as Shape -> Gather -> Unsqueeze -> Concat chains: about two thirds of the decoder-step graph's
-nodes, and at one sentence a step ONNX Runtime spends more time running them than the matrix products. The same
-math with constant shapes needs none of them. ``step_attention`` patches the decoder's attentions while the step
-is traced; every other call (the encoder, a full-sequence pass, a form this does not cover) goes to fairseq's.
+exporter records as Shape -> Gather -> Unsqueeze -> Concat chains, and even written with constant shapes an attention
+step is a dozen small kernels (reshapes, concatenations, transposes, two matrix products, the mask, the softmax),
+each costing ONNX Runtime a few microseconds at one sentence. ``step_attention`` patches the decoder's attentions
+while the step is traced so that each becomes one ``com.microsoft.MultiHeadAttention`` node (ONNX Runtime's contrib
+op, in every CPU build): traced as a ``lite.StepAttention`` node (the TorchScript exporter cannot leave an optional
+input empty), then rewritten by ``contrib_attention``. In PyTorch the same step runs as the plain math below. Every
+other call (the encoder, a full-sequence pass, a form this does not cover) goes to fairseq's.
 
-    self attention:  q, k, v [N, H, 1, D]; k, v appended to the cached prev_key / prev_value [N, H, t, D]
+    self attention:  q, k, v [N, 1, H*D]; k, v appended to the cached prev_key / prev_value [N, H, t, D]
     cross attention: the memory prev_key / prev_value [B, H, S, D] is held once per sentence; the N = B * K rows
-                     (row r: sentence r // K) query it K at a time, q [B, H, K, D]; padded keys -> -inf
+                     (row r: sentence r // K) query it K at a time, q [B, K, H*D]; padded keys are left out
 """
 from __future__ import annotations
 
@@ -33,30 +36,89 @@ def _covered(m: MultiheadAttention, query: Tensor, key_padding_mask: Optional[Te
     return m.encoder_decoder_attention and static_kv and "prev_key" in saved and key_padding_mask is None
 
 
+# The two steps' PyTorch bodies take no sizes off their inputs: the tracer records a body beside its node, and with a
+# single head its sizes break the TorchScript exporter ("Argument passed to at() was not in the map").
+def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], heads: int, scaling: float) -> Tensor:
+    """q [B, L, H*D] against k, v [B, H, S, D] (keep [B, S]: 1 for a key to attend to) -> [B, L, H*D]."""
+    q = (q * scaling).unflatten(2, (heads, -1)).transpose(1, 2)  # [B, H, L, D]
+    scores = torch.matmul(q, k.transpose(2, 3))  # [B, H, L, S]
+    if keep is not None:
+        scores = scores.masked_fill(keep.eq(0)[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).type_as(scores)
+    return torch.matmul(probs, v).transpose(1, 2).flatten(2)  # [B, L, H*D]
+
+
+class _SelfAttentionStep(torch.autograd.Function):
+    """q, k, v [N, 1, H*D] (projected), prev_key, prev_value [N, H, t, D] -> out [N, 1, H*D], key, value [N, H, t+1, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prev_key, prev_value, heads: int, scaling: float):
+        key = torch.cat([prev_key, k.unflatten(2, (heads, -1)).transpose(1, 2)], dim=2)
+        value = torch.cat([prev_value, v.unflatten(2, (heads, -1)).transpose(1, 2)], dim=2)
+        return _attend(q, key, value, None, heads, scaling), key, value
+
+    @staticmethod
+    def symbolic(g, q, k, v, prev_key, prev_value, heads: int, scaling: float):
+        return g.op("lite::StepAttention", q, k, v, prev_key, prev_value, num_heads_i=heads, scale_f=scaling,
+                    outputs=3)
+
+
+class _CrossAttentionStep(torch.autograd.Function):
+    """q [1, N, H*D] (projected), grouping int64 [3] = (B, -1, 0), memory key, value [B, H, S, D], keep int32 [B, S]
+    -> out [B, K, H*D]: the rows grouped by sentence (ONNX Reshape: 0 keeps that axis), K queries per sentence."""
+
+    @staticmethod
+    def forward(ctx, q, grouping, key, value, keep, heads: int, scaling: float):
+        return _attend(q.squeeze(0).unflatten(0, (int(grouping[0]), -1)), key, value, keep, heads, scaling)
+
+    @staticmethod
+    def symbolic(g, q, grouping, key, value, keep, heads: int, scaling: float):
+        return g.op("lite::StepAttention", g.op("Reshape", q, grouping), key, value, keep, num_heads_i=heads,
+                    scale_f=scaling)
+
+
+def grouping(padding_mask: Tensor) -> Tensor:
+    """The rows' grouping by sentence for cross attention, int64 [3] = (B, -1, 0), from the memory's padding mask
+    [B, S]; built once per step and shared by every cross attention (``_shape_as_tensor``: traced as Shape, not as
+    a constant)."""
+    return torch.cat([torch._shape_as_tensor(padding_mask)[:1], torch.tensor([-1, 0])])
+
+
 def _step(m: MultiheadAttention, query: Tensor, incremental_state) -> Tensor:
     """query 1 x N x C -> 1 x N x C; the cache in ``incremental_state`` grows by one frame for self attention."""
-    heads, dim = m.num_heads, m.head_dim
     saved = m._get_input_buffer(incremental_state)
-    q = m.q_proj(query) * m.scaling  # [1, N, H*D]; query stays 3-D: MatMul, not Gemm
     if m.self_attention:
-        q = q.reshape(-1, heads, 1, dim)  # [N, H, 1, D]
-        k = torch.cat([saved["prev_key"], m.k_proj(query).reshape(-1, heads, 1, dim)], dim=2)  # [N, H, t + 1, D]
-        v = torch.cat([saved["prev_value"], m.v_proj(query).reshape(-1, heads, 1, dim)], dim=2)
-        saved["prev_key"], saved["prev_value"] = k, v
+        x = query.transpose(0, 1)  # [N, 1, C]
+        attn, saved["prev_key"], saved["prev_value"] = _SelfAttentionStep.apply(
+            m.q_proj(x), m.k_proj(x), m.v_proj(x), saved["prev_key"], saved["prev_value"], m.num_heads, m.scaling)
         m._set_input_buffer(incremental_state, saved)
-        mask = None
+        return m.out_proj(attn).transpose(0, 1)  # [1, N, C]
+    key, value = saved["prev_key"], saved["prev_value"]  # [B, H, S, D]
+    if "keep" in saved:  # put there by export/graphs.py, once for every cross attention
+        rows, keep = saved["grouping"], saved["keep"]
     else:
-        k, v, mask = saved["prev_key"], saved["prev_value"], saved.get("prev_key_padding_mask")  # [B, H, S, D]
-        sentences = saved.get("sentences", k.size(0))  # B (export/graphs.py puts it there, out of this scope)
-        q = q.reshape(sentences, -1, heads, dim).transpose(1, 2)  # [B, K, H, D] -> [B, H, K, D]
-    scores = torch.matmul(q, k.transpose(2, 3))  # [N, H, 1, t] | [B, H, K, S]
-    if mask is not None:
-        scores = scores.masked_fill(mask.to(torch.bool)[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).type_as(scores)
-    attn = torch.matmul(probs, v)  # [N, H, 1, D] | [B, H, K, D]
-    if not m.self_attention:
-        attn = attn.transpose(1, 2)  # [B, K, H, D]
-    return m.out_proj(attn.reshape(1, -1, heads * dim))  # [1, N, H*D], heads in fairseq's order
+        rows, keep = grouping(saved["prev_key_padding_mask"]), saved["prev_key_padding_mask"].eq(0).to(torch.int32)
+    attn = _CrossAttentionStep.apply(m.q_proj(query), rows, key, value, keep, m.num_heads, m.scaling)  # [B, K, H*D]
+    return m.out_proj(attn).reshape(1, -1, m.out_proj.out_features)  # [1, N, C]
+
+
+def contrib_attention(model) -> None:
+    """Rewrite the traced ``lite.StepAttention`` nodes of an ``onnx.ModelProto`` (in place) as ONNX Runtime's
+    ``com.microsoft.MultiHeadAttention``: inputs (query, key, value, bias, key_padding_mask, attention_bias, past_key,
+    past_value), the unused ones left empty."""
+    from onnx import helper
+
+    for node in model.graph.node:  # attributes num_heads and scale as traced
+        if node.domain != "lite" or node.op_type != "StepAttention":
+            continue
+        q, k, v, *rest = node.input
+        self_attention = len(rest) == 2  # past key and value; cross attention has the keep mask
+        del node.input[:]
+        node.input.extend([q, k, v, "", "", "", *rest] if self_attention else [q, k, v, "", *rest])
+        node.domain, node.op_type = "com.microsoft", "MultiHeadAttention"
+    imports = [o for o in model.opset_import if o.domain != "lite"]
+    del model.opset_import[:]
+    model.opset_import.extend([*imports, helper.make_opsetid("com.microsoft", 1)])
 
 
 @contextlib.contextmanager
