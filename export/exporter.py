@@ -7,9 +7,9 @@
                                               the validation report and the sha256 of every file
 
 The TorchScript exporter (``dynamo=False``) traces the modules as written (our convolutions build their
-windows with pad + slices), but for fairseq's attention in the decoder step, traced with constant head shapes
-(export/step_attention.py). Every graph is checked with ``onnx.checker`` and then
-validated against PyTorch (export/validate.py) before the dir is moved into place.
+windows with pad + slices), but for fairseq's attention in the decoder step: one ONNX Runtime MultiHeadAttention
+kernel each (export/step_attention.py). Every graph is checked with ``onnx.checker`` and then validated against
+PyTorch (export/validate.py) before the dir is moved into place.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The decoder step's attention traced with constant head shapes: the same values as fairseq's forward, and no
-shape arithmetic left in the graph."""
+"""The decoder step's attention: the same values as fairseq's forward, and one ONNX Runtime kernel per attention in
+the graph."""
 import onnx
 import pytest
 import torch
@@ -33,11 +33,13 @@ def test_self_attention_steps_as_fairseq(heads, head_dim):
     assert "forward" not in vars(attn)  # the class's forward again on leaving
 
 
-def test_cross_attention_on_padded_memory_as_fairseq():
+@pytest.mark.parametrize("beam", [1, 2])
+def test_cross_attention_on_padded_memory_as_fairseq(beam):
+    """The memory once per sentence [B, ...], ``beam`` rows per sentence querying it (fairseq: kv_bsz != bsz)."""
     attn = multihead_attention(16, 4, 5, kdim=12, vdim=12, encoder_decoder_attention=True).eval()
     memory = {"prev_key": torch.randn(3, 4, 6, 5), "prev_value": torch.randn(3, 4, 6, 5),
               "prev_key_padding_mask": torch.tensor([[True, True, False, False, False, False]] + [[False] * 6] * 2)}
-    x = torch.randn(1, 3, 16)
+    x = torch.randn(1, 3 * beam, 16)
     state = {}
     attn._set_input_buffer(state, dict(memory))
     expected = attn(x, None, None, incremental_state=state, static_kv=True, need_weights=False)[0]
@@ -58,11 +60,15 @@ def test_other_calls_go_to_fairseq():
 
 
 @pytest.mark.parametrize("arch", ["transformer_d128", "lsra_iwslt_160"])
-def test_step_graph_has_no_shape_arithmetic_in_attention(arch, tmp_path):
-    """fairseq's forward, traced, leaves Shape -> Gather -> Unsqueeze -> Concat chains in every attention (the
-    Gathers of the beam reordering are the decoder's, outside the attentions' scope)."""
-    export_graphs(tiny_model(arch, tiny_dictionary()), tmp_path)
+def test_each_attention_step_is_one_onnx_runtime_kernel(arch, tmp_path):
+    """fairseq's forward, traced, leaves Shape -> Gather -> Unsqueeze -> Concat chains and a dozen kernels in every
+    attention; the step graph has one MultiHeadAttention per attention, beside its projections and layout changes
+    (the Gathers of the beam reordering are the decoder's, outside the attentions' scope)."""
+    model = tiny_model(arch, tiny_dictionary())
+    export_graphs(model, tmp_path)
     nodes = onnx.load(str(tmp_path / "decoder_step.onnx"), load_external_data=False).graph.node
-    attention = [n for n in nodes if "/attn/" in n.name or "/cross_attention/" in n.name]
-    assert any("/attn/" in n.name for n in attention) and any("/cross_attention/" in n.name for n in attention)
-    assert [n.name for n in attention if n.op_type in ("Shape", "Gather")] == []
+    attention = [n for n in nodes if ("/attn/" in n.name or "/cross_attention/" in n.name) and "_proj/" not in n.name]
+    kernels = [n for n in attention if n.op_type == "MultiHeadAttention"]
+    assert len(kernels) == 2 * len(model.decoder.layers) and {n.domain for n in kernels} == {"com.microsoft"}
+    assert {n.op_type for n in attention} <= {"MultiHeadAttention", "Reshape", "Transpose", "Constant"}
+    assert [n.name for n in nodes if n.domain == "lite"] == []  # every traced StepAttention rewritten
