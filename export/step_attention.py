@@ -6,8 +6,9 @@ step is a dozen small kernels (reshapes, concatenations, transposes, two matrix 
 each costing ONNX Runtime a few microseconds at one sentence. ``step_attention`` patches the decoder's attentions
 while the step is traced so that each becomes one ``com.microsoft.MultiHeadAttention`` node (ONNX Runtime's contrib
 op, in every CPU build): traced as a ``lite.StepAttention`` node (the TorchScript exporter cannot leave an optional
-input empty), then rewritten by ``contrib_attention``. In PyTorch the same step runs as the plain math below. Every
-other call (the encoder, a full-sequence pass, a form this does not cover) goes to fairseq's.
+input empty), then rewritten by ``contrib_attention``. Self attention's q, k, v projections run as one matrix
+product (one int8 MatMul once quantized). In PyTorch the same step runs as the plain math below. Every other call
+(the encoder, a full-sequence pass, a form this does not cover) goes to fairseq's.
 
     self attention:  q, k, v [N, 1, H*D]; k, v appended to the cached prev_key / prev_value [N, H, t, D]
     cross attention: the memory prev_key / prev_value [B, H, S, D] is held once per sentence; the N = B * K rows
@@ -19,6 +20,7 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
@@ -84,13 +86,22 @@ def grouping(padding_mask: Tensor) -> Tensor:
     return torch.cat([torch._shape_as_tensor(padding_mask)[:1], torch.tensor([-1, 0])])
 
 
+def _fused(x: Tensor, projections) -> tuple:
+    """The projections of ``x`` as one matrix product (their weights concatenated; the exporter folds that into one
+    initializer), split again: one int8 MatMul for three once quantized."""
+    weight = torch.cat([p.weight for p in projections])  # [sum of outputs, C]
+    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+    return F.linear(x, weight, bias).split([p.out_features for p in projections], dim=-1)
+
+
 def _step(m: MultiheadAttention, query: Tensor, incremental_state) -> Tensor:
     """query 1 x N x C -> 1 x N x C; the cache in ``incremental_state`` grows by one frame for self attention."""
     saved = m._get_input_buffer(incremental_state)
     if m.self_attention:
         x = query.transpose(0, 1)  # [N, 1, C]
+        q, k, v = _fused(x, (m.q_proj, m.k_proj, m.v_proj))  # [N, 1, H*D] each
         attn, saved["prev_key"], saved["prev_value"] = _SelfAttentionStep.apply(
-            m.q_proj(x), m.k_proj(x), m.v_proj(x), saved["prev_key"], saved["prev_value"], m.num_heads, m.scaling)
+            q, k, v, saved["prev_key"], saved["prev_value"], m.num_heads, m.scaling)
         m._set_input_buffer(incremental_state, saved)
         return m.out_proj(attn).transpose(0, 1)  # [1, N, C]
     key, value = saved["prev_key"], saved["prev_value"]  # [B, H, S, D]
