@@ -53,6 +53,14 @@ class OnnxStepModel:
             self.binding.bind_ortvalue_input(name, v)
         self.extra: dict = {}  # the extra inputs, bound at the first step; kept alive here for ONNX Runtime
 
+    def keep(self, sentences: np.ndarray) -> None:
+        """Only these sentences go on: their encoder outputs bound in place of the batch's (the states follow through
+        the next step's order)."""
+        value = self.ort.OrtValue.ortvalue_from_numpy
+        self.memory = {name: value(np.ascontiguousarray(v.numpy()[sentences])) for name, v in self.memory.items()}
+        for name, v in self.memory.items():
+            self.binding.bind_ortvalue_input(name, v)
+
     def _run(self, tokens: np.ndarray, order: np.ndarray, outputs: list[str], extra: dict) -> list:
         """One step: feeds bound, the states advanced; returns the OrtValues of ``outputs`` (states excluded)."""
         binding = self.binding

@@ -1,8 +1,8 @@
 """Beam search in numpy alone, step for step the search of fairseq's ``SequenceGenerator`` (fairseq 0.12).
 
 The network sits behind ``StepModel`` (ONNX Runtime in the runtime package, torch in the tests), so this module
-imports numpy only. Every sentence and beam advances in one ``model.step`` call per step; the batch keeps its
-size: a finished sentence keeps running on its (ignored) rows instead of being dropped as fairseq drops it.
+imports numpy only. Every sentence and beam advances in one ``model.step`` call per step; a finished sentence
+leaves the batch (``model.keep``), as fairseq drops it, so the rest of the search runs on fewer rows.
 
 What fairseq does and this does too (``_generate``, ``finalize_hypos``, ``search.BeamSearch.step``):
 - the target starts with eos; pad is never generated; ``unk_penalty`` is subtracted from unk's log-prob;
@@ -42,9 +42,13 @@ class StepModel(Protocol):
     def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Continue row i from the state of row ``order[i]``, feed ``tokens[i]``; return the next token's log-probs.
 
-        tokens: int64 [N] (all eos at the first step); order: int64 [N] (identity at the first step).
-        Returns float32 [N, V], log_softmax applied.
+        tokens: int64 [N] (all eos at the first step); order: int64 [N] (identity at the first step), indices into
+        the previous step's rows (after ``keep``, N is smaller than there). Returns float32 [N, V], log_softmax applied.
         """
+
+    def keep(self, sentences: np.ndarray) -> None:
+        """Only these sentences go on (int64 [B'], positions in the current batch, ascending); the next ``step``'s
+        ``order`` picks their rows out of the previous step's."""
 
 
 class CandidateStepModel(StepModel, Protocol):
@@ -122,7 +126,8 @@ def search(model: StepModel, src_tokens: np.ndarray, *, eos: int, pad: int, unk:
     tokens[:, 0] = eos if bos is None else bos
     scores = np.zeros((n, max_len + 1), dtype=np.float32)  # [N, L + 1] cumulative log-prob after each token
     cands_to_ignore = np.zeros((bsz, beam), dtype=bool)  # [B, K] candidate slots taken by finalised hypotheses
-    finalized: list[list[Hypothesis]] = [[] for _ in range(bsz)]
+    finalized: list[list[Hypothesis]] = [[] for _ in range(bsz)]  # by sentence of the input
+    running = list(finalized)  # the same lists, by position in the current (shrinking) batch
     finished = np.zeros(bsz, dtype=bool)  # [B]
     sents = np.arange(bsz)[:, None]  # [B, 1]: with a [B, C] index, picks per sentence (as take_along_axis, faster)
     bbsz_offsets = sents * beam  # [B, 1]
@@ -148,11 +153,20 @@ def search(model: StepModel, src_tokens: np.ndarray, *, eos: int, pad: int, unk:
 
         eos_mask = (cand_indices == eos) & (cand_scores != -np.inf)  # [B, C]
         eos_mask[:, :beam] &= ~cands_to_ignore
-        eos_mask[finished] = False  # fairseq has dropped these sentences from its batch
         _finalize(step, eos_mask[:, :beam], cand_bbsz_idx[:, :beam], cand_scores[:, :beam], tokens, scores,
-                  finalized, finished, beam, max_len, options.lenpen, eos)
+                  running, finished, beam, max_len, options.lenpen, eos)
         if finished.all() or step >= max_len:
             break
+        if finished.any():  # as fairseq: the finished sentences leave the batch
+            alive = np.flatnonzero(~finished)  # [B']
+            model.keep(alive)
+            eos_mask, cand_bbsz_idx, cand_indices, cand_scores, cands_to_ignore = (
+                a[alive] for a in (eos_mask, cand_bbsz_idx, cand_indices, cand_scores, cands_to_ignore))
+            running = [running[i] for i in alive.tolist()]
+            bsz = len(alive)
+            finished = np.zeros(bsz, dtype=bool)
+            sents = np.arange(bsz)[:, None]
+            bbsz_offsets = sents * beam
 
         # the best `beam` candidates that are neither eos nor in an ignored slot continue
         eos_mask[:, :beam] |= cands_to_ignore
@@ -161,13 +175,13 @@ def search(model: StepModel, src_tokens: np.ndarray, *, eos: int, pad: int, unk:
         cands_to_ignore = active_mask[sents, active_hypos] >= cand_size
         active_bbsz_idx = cand_bbsz_idx[sents, active_hypos].reshape(-1)  # [N]
 
-        tokens[:, :step + 1] = tokens[active_bbsz_idx, :step + 1]
+        tokens = tokens[active_bbsz_idx]  # [N', L + 2], rows of the previous step's
         tokens[:, step + 1] = cand_indices[sents, active_hypos].reshape(-1)
-        scores[:, :step] = scores[active_bbsz_idx, :step]
+        scores = scores[active_bbsz_idx]
         scores[:, step] = cand_scores[sents, active_hypos].reshape(-1)
         order = active_bbsz_idx
 
-    for sent in range(bsz):  # best first; stable, so equal scores keep their finalisation order
+    for sent in range(len(finalized)):  # best first; stable, so equal scores keep their finalisation order
         ranks = np.argsort([-h.score for h in finalized[sent]], kind="stable")
         finalized[sent] = [finalized[sent][r] for r in ranks]
     return finalized

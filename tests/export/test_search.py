@@ -56,6 +56,9 @@ class TorchStepModel:
         self.state: dict = {}
         self.prev: torch.Tensor | None = None  # [N, t] tokens so far (positions come from their count)
 
+    def keep(self, sentences: np.ndarray) -> None:
+        """Nothing to drop here: the next step's order picks the rows of encoder_out and of the states."""
+
     @torch.no_grad()
     def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
         tokens = torch.from_numpy(np.ascontiguousarray(tokens))[:, None]  # [N, 1]
@@ -210,6 +213,23 @@ def test_search_matches_fairseq_when_the_beam_fills_the_vocabulary(arch):
         expected = _fairseq(model, d, src, options)
         _assert_same(_run(model, d, src, options), expected)
         _assert_same(_run(model, d, src, options, candidates=True), expected)
+
+
+@pytest.mark.parametrize("candidates", [False, True], ids=["log-probs", "candidates"])
+def test_finished_sentences_leave_the_batch_as_in_fairseq(candidates):
+    """The search drops a sentence once it has its hypotheses (``keep``: the sentences that go on, fewer each time),
+    and what it finds is still fairseq's, which drops them too."""
+    model, d, batches = _case("transformer_d128")
+    options = SearchOptions(beam=4)
+    step_model = CandidateTorchStepModel(model, d) if candidates else TorchStepModel(model, d.pad())
+    kept = []
+    step_model.keep = lambda sentences: kept.append(sentences.tolist())
+    for src in batches:
+        ours = search(step_model, src.numpy(), eos=d.eos(), pad=d.pad(), unk=d.unk(), options=options,
+                      max_len_cap=model.max_decoder_positions() - 1)
+        _assert_same(ours, _fairseq(model, d, src, options))
+    assert kept, "no sentence finished before the others: dropping untested"
+    assert all(len(k) >= 1 and k == sorted(k) for k in kept)
 
 
 def test_max_len_cap_matches_fairseq_max_len():
