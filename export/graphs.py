@@ -174,12 +174,12 @@ class DecoderStep(nn.Module):
             _put(incremental, self.owners[spec.module], spec.key, spec.field, tensor)
         self.decoder.reorder_incremental_state_scripting(incremental, order)
         mask = memory["encoder_padding_mask"]  # [B, S]
-        rows, keep = grouping(mask), mask.eq(0).to(torch.int32)  # once here, not in every cross attention
+        groups, keep = grouping(mask), mask.eq(0).to(torch.int32)  # once here, not in every cross attention
         for name, m in self.crosses:  # after the reordering: the memory is per sentence, whatever the rows do
             for field in ("prev_key", "prev_value"):
                 _put(incremental, m, "attn_state", field, memory[f"memory.{name}.{field}"])
             _put(incremental, m, "attn_state", "prev_key_padding_mask", memory["encoder_padding_mask"])
-            _put(incremental, m, "attn_state", "grouping", rows)
+            _put(incremental, m, "attn_state", "grouping", groups)
             _put(incremental, m, "attn_state", "keep", keep)
         features = self.decoder.decode_step(tokens, step, incremental)  # [N, 1, C]
         logits = self.decoder.output_layer(features).reshape(-1, self.vocab)  # [N, V]: a view, where [:, 0] copies

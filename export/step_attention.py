@@ -66,16 +66,16 @@ class _SelfAttentionStep(torch.autograd.Function):
 
 
 class _CrossAttentionStep(torch.autograd.Function):
-    """q [1, N, H*D] (projected), grouping int64 [3] = (B, -1, 0), memory key, value [B, H, S, D], keep int32 [B, S]
+    """q [1, N, H*D] (projected), groups int64 [3] = (B, -1, 0), memory key, value [B, H, S, D], keep int32 [B, S]
     -> out [B, K, H*D]: the rows grouped by sentence (ONNX Reshape: 0 keeps that axis), K queries per sentence."""
 
     @staticmethod
-    def forward(ctx, q, grouping, key, value, keep, heads: int, scaling: float):
-        return _attend(q.squeeze(0).unflatten(0, (int(grouping[0]), -1)), key, value, keep, heads, scaling)
+    def forward(ctx, q, groups, key, value, keep, heads: int, scaling: float):
+        return _attend(q.squeeze(0).unflatten(0, (int(groups[0]), -1)), key, value, keep, heads, scaling)
 
     @staticmethod
-    def symbolic(g, q, grouping, key, value, keep, heads: int, scaling: float):
-        return g.op("lite::StepAttention", g.op("Reshape", q, grouping), key, value, keep, num_heads_i=heads,
+    def symbolic(g, q, groups, key, value, keep, heads: int, scaling: float):
+        return g.op("lite::StepAttention", g.op("Reshape", q, groups), key, value, keep, num_heads_i=heads,
                     scale_f=scaling)
 
 
@@ -106,10 +106,10 @@ def _step(m: MultiheadAttention, query: Tensor, incremental_state) -> Tensor:
         return m.out_proj(attn).transpose(0, 1)  # [1, N, C]
     key, value = saved["prev_key"], saved["prev_value"]  # [B, H, S, D]
     if "keep" in saved:  # put there by export/graphs.py, once for every cross attention
-        rows, keep = saved["grouping"], saved["keep"]
+        groups, keep = saved["grouping"], saved["keep"]
     else:
-        rows, keep = grouping(saved["prev_key_padding_mask"]), saved["prev_key_padding_mask"].eq(0).to(torch.int32)
-    attn = _CrossAttentionStep.apply(m.q_proj(query), rows, key, value, keep, m.num_heads, m.scaling)  # [B, K, H*D]
+        groups, keep = grouping(saved["prev_key_padding_mask"]), saved["prev_key_padding_mask"].eq(0).to(torch.int32)
+    attn = _CrossAttentionStep.apply(m.q_proj(query), groups, key, value, keep, m.num_heads, m.scaling)  # [B, K, H*D]
     return m.out_proj(attn).reshape(1, -1, m.out_proj.out_features)  # [1, N, C]
 
 
