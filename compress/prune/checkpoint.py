@@ -19,7 +19,7 @@ from compress.errors import PruneError
 from compress.prune import CHECKPOINT_NAME, REPORT_NAME
 from compress.prune.budget import Batches, PruneConfig, PruneResult, missing_args, model_options, prune_to_budget
 from lite.checkpoint import load_model, model_args, pruned_dims, read_state
-from lite.files import check_out_dir, staged_dir, write_json
+from lite.files import staged_dir, write_json
 
 ATOL = 1e-5  # the rebuilt model must reproduce the pruned one to this
 WHAT = "pruned checkpoint dir"
@@ -109,25 +109,24 @@ def prune_checkpoint(checkpoint: str | Path, out_dir: str | Path, config: PruneC
 
     out_dir = Path(out_dir)
     target = out_dir / CHECKPOINT_NAME
-    check_out_dir(out_dir, REPORT_NAME, force, WHAT)  # before the work, not after it
-    model, task = load_model(checkpoint, data)
-    if config.kinds is not None:  # named kinds must be describable too: the checkpoint is rebuilt from its args
-        options = model_options()
-        missing = {kind: missing_args(kind, options) for kind in config.kinds}
-        missing = {kind: args for kind, args in missing.items() if args}
-        if missing:
-            raise PruneError("; ".join(f"--kinds {kind}: lite_transformer has no {' / '.join(args)} arg, so the "
-                                       f"pruned checkpoint could not be rebuilt" for kind, args in missing.items()))
-    batches = train_batches(task, model, config.taylor_batches, config.max_tokens) \
-        if config.importance == "taylor" else None
-    state = read_state(checkpoint, data)
-    result = prune_to_budget(model, config, batches)
-    new = pruned_state(state, model, result)
-    verify_state(new, model)
-    report = {"source": str(checkpoint), "checkpoint": str(target), **asdict(result),
-              "finetune_overrides": [f"{k}={v}" for k, v in result.pruned_dims.items()],
-              "torch_pruning": getattr(tp, "__version__", "unknown")}
-    with staged_dir(out_dir, REPORT_NAME, force, WHAT) as staging:
+    with staged_dir(out_dir, REPORT_NAME, force, WHAT) as staging:  # locked and checked before the work
+        model, task = load_model(checkpoint, data)
+        if config.kinds is not None:  # named kinds must be describable too: the checkpoint is rebuilt from its args
+            options = model_options()
+            missing = {kind: missing_args(kind, options) for kind in config.kinds}
+            missing = {kind: args for kind, args in missing.items() if args}
+            if missing:
+                raise PruneError("; ".join(f"--kinds {kind}: lite_transformer has no {' / '.join(args)} arg, so the "
+                                           f"pruned checkpoint could not be rebuilt" for kind, args in missing.items()))
+        batches = train_batches(task, model, config.taylor_batches, config.max_tokens) \
+            if config.importance == "taylor" else None
+        state = read_state(checkpoint, data)
+        result = prune_to_budget(model, config, batches)
+        new = pruned_state(state, model, result)
+        verify_state(new, model)
+        report = {"source": str(checkpoint), "checkpoint": str(target), **asdict(result),
+                  "finetune_overrides": [f"{k}={v}" for k, v in result.pruned_dims.items()],
+                  "torch_pruning": getattr(tp, "__version__", "unknown")}
         checkpoint_utils.torch_persistent_save(new, str(staging / CHECKPOINT_NAME))
         write_json(staging / REPORT_NAME, report)
     return model, report
