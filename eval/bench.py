@@ -9,6 +9,8 @@ Targets (each measured in a fresh worker process, one after the other, so that i
     ort     the same on the dir's ORT-format graphs (``--ort-model``)
     ct2     CTranslate2 on a plain-Transformer checkpoint (``--ct2``), converted once per quantization
             (``--ct2-quantization int8,float32``) into ``<checkpoint>.ct2-<quantization>/``
+With ``--shortlist VMAP`` every onnx and ct2 target is measured a second time with that vocabulary map
+(``<name>+shortlist``: ours through export/shortlist.py, CTranslate2 with ``use_vmap``).
 
 Figures per target and thread count (the JSON's ``results``; times in ms, sizes in MB):
     load_s              seconds to build the translator (files read, sessions created)
@@ -30,6 +32,7 @@ A target that cannot run (e.g. ``ct2`` on an LSRA checkpoint) gets ``error`` (on
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -58,11 +61,12 @@ class Target:
     quantization: str | None = None  # ct2 only: "int8", "float32", ...
     data: str | None = None  # prepared data dir, when not the one the model names
     label: str | None = None  # what the results call it (default: the path's last part)
+    shortlist: str | None = None  # onnx, ct2: a vocabulary map (``lite data shortlist``)
 
     @property
     def name(self) -> str:
         return f"{self.backend}{'-' + self.quantization if self.quantization else ''}:" \
-               f"{self.label or Path(self.path).name}"
+               f"{self.label or Path(self.path).name}{'+shortlist' if self.shortlist else ''}"
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def _open(target: Target, config: BenchConfig, threads: int):
 
         translator = CT2Translator(target.path, target.data, beam=config.beam, lenpen=config.lenpen,
                                    max_len_a=config.max_len_a, max_len_b=config.max_len_b, threads=threads,
-                                   batch_size=1)
+                                   batch_size=1, use_vmap=target.shortlist is not None)
         return translator, Path(target.path)
     if target.backend == "torch":
         import torch
@@ -132,7 +136,8 @@ def _open(target: Target, config: BenchConfig, threads: int):
         torch.set_num_threads(threads)
     from lite.translate import open_translator
 
-    translator, _ = open_translator(target.backend, target.path, target.data, options, threads, batch_size=1)
+    translator, _ = open_translator(target.backend, target.path, target.data, options, threads, batch_size=1,
+                                    shortlist=target.shortlist)
     return translator, Path(target.path)
 
 
@@ -214,13 +219,18 @@ def _worker() -> None:
 
 def resolve_ct2(target: Target) -> Target:
     """A ``ct2`` target on its checkpoint -> the same on its CTranslate2 dir (converted on first use, beside the
-    checkpoint) and data dir, so that the worker loads CTranslate2 alone."""
-    from export.ctranslate2 import convert_to_ctranslate2
+    checkpoint; with the shortlist as its vocabulary map, in a dir named by the map's hash) and data dir, so that
+    the worker loads CTranslate2 alone."""
+    from export.ctranslate2 import VMAP, convert_to_ctranslate2
     from lite.checkpoint import data_dir, read_state
 
     out = Path(f"{target.path}.ct2-{target.quantization or 'float32'}")
-    if not (out / "model.bin").is_file():
-        convert_to_ctranslate2(target.path, out, target.quantization, force=out.exists(), data=target.data)
+    if target.shortlist is not None:
+        digest = hashlib.sha256(Path(target.shortlist).read_bytes()).hexdigest()[:12]
+        out = out.with_name(f"{out.name}-vmap-{digest}")
+    if not (out / "model.bin").is_file() or (target.shortlist is not None and not (out / VMAP).is_file()):
+        convert_to_ctranslate2(target.path, out, target.quantization, force=out.exists(), data=target.data,
+                               vmap=target.shortlist)
     return replace(target, path=str(out), data=str(target.data or data_dir(read_state(target.path))))
 
 

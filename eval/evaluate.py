@@ -27,12 +27,13 @@ def split_lines(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
 
 def evaluate(model: str | Path, split: str, data: str | Path | None = None, options: SearchOptions = SearchOptions(),
              out_dir: str | Path | None = None, backend: str = "torch", threads: int = 1,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, shortlist: str | Path | None = None) -> dict:
     """Translate ``<data>/raw/<split>.<src>``, score against ``<split>.<tgt>``, write hypotheses and scores.
 
-    ``model`` is a fairseq checkpoint (backend ``torch``) or an exported model dir (``onnx``, ``ort``).
+    ``model`` is a fairseq checkpoint (backend ``torch``) or an exported model dir (``onnx``, ``ort``);
+    ``shortlist`` a vocabulary map for the onnx backend (the hypotheses then go to ``<split>.shortlist.hyp.*``).
     """
-    translator, data_dir = open_translator(backend, model, data, options, threads, batch_size)
+    translator, data_dir = open_translator(backend, model, data, options, threads, batch_size, shortlist)
     sources, references = split_lines(data_dir, split)
 
     start = time.perf_counter()
@@ -43,14 +44,16 @@ def evaluate(model: str | Path, split: str, data: str | Path | None = None, opti
     out_dir = Path(out_dir) if out_dir else path.parent / "eval" if backend == "torch" else \
         path.with_name(path.name + ".eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    hypotheses_path = out_dir / f"{split}.hyp.{Corpus.load(data_dir).tgt}"
+    name = f"{split}.shortlist" if shortlist else split
+    hypotheses_path = out_dir / f"{name}.hyp.{Corpus.load(data_dir).tgt}"
     write_lines(hypotheses_path, hypotheses)
     result = {
         "checkpoint": str(model), "split": split, "sentences": len(sources),
         **score(hypotheses, references),
         "beam": options.beam, "lenpen": options.lenpen, "backend": backend,
+        **({"shortlist": str(shortlist)} if shortlist else {}),
         "seconds": round(seconds, 2), "ms_per_sentence": round(1000 * seconds / max(len(sources), 1), 2),
         "hypotheses": str(hypotheses_path),
     }
-    write_json(out_dir / f"{split}.json", result)
+    write_json(out_dir / f"{name}.json", result)
     return result

@@ -18,6 +18,7 @@ Notation: C embed dim, H heads, D head dim.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -31,6 +32,7 @@ from lite.files import check_out_dir, staged_dir
 ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "gelu_accurate": "GELUTanh", "gelu_fast": "GELUTanh", "swish": "SWISH"}
 CONFIG_KEY = "lite"  # our entry in the model dir's config.json: arch and position limits, read by CT2Translator
 MODEL_DIR = "CTranslate2 model dir"
+VMAP = "vmap.txt"  # the vocabulary map CTranslate2 reads with use_vmap
 SPECIALS = {"<s>", "</s>", "<blank>"}  # left out of output text, as fairseq's Dictionary.string does
 
 
@@ -174,14 +176,15 @@ def model_spec(model):
 
 
 def convert_to_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str | None = None,
-                           force: bool = False, data: str | Path | None = None) -> Path:
+                           force: bool = False, data: str | Path | None = None, vmap: str | Path | None = None) -> Path:
     """Write a plain-Transformer ``lite_transformer`` checkpoint as a CTranslate2 model dir; returns the dir.
 
     ``quantization``: None keeps float32 weights, else one of CTranslate2's types ("int8", "int8_float32", ...).
     ``data``: the prepared data dir, when not the one the checkpoint was trained on (its dictionaries are the
     vocabularies). The dir is written atomically; ``force`` replaces a CTranslate2 model dir, never another dir
     (OutputError). CT2Error, in one line, for an unknown quantization or a checkpoint with any option CTranslate2's
-    Transformer cannot express (all of them listed).
+    Transformer cannot express (all of them listed). ``vmap``: a vocabulary map (``lite data shortlist``) copied in
+    as CTranslate2's ``vmap.txt``, for ``CT2Translator(use_vmap=True)``.
     """
     from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES  # (imports torch)
 
@@ -202,6 +205,8 @@ def convert_to_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantiza
     spec.optimize(quantization=quantization)  # shares aliased weights (tied embeddings), then quantizes
     with staged_dir(out_dir, "model.bin", force, MODEL_DIR) as staging:
         spec.save(str(staging))
+        if vmap is not None:
+            shutil.copyfile(vmap, staging / VMAP)
     return out_dir
 
 
@@ -210,6 +215,7 @@ class CT2Translator:
     (fairseq's SequenceGenerator): sentences sorted by length, ``batch_size`` a batch, at most
     ``int(max_len_a * S + max_len_b)`` tokens (S: the batch's longest source with </s>), no </s> first, no <pad>,
     scores normalized by length^lenpen with </s> counted. ``beam`` and ``batch_size`` may be changed between calls.
+    ``use_vmap``: score only the target tokens of the dir's vocabulary map (``vmap.txt``) for the batch's source.
 
     Where a search runs into that limit the two can differ: fairseq scores the beams there with a forced </s>
     appended, CTranslate2 finishes them as they are (no </s>, no score for it).
@@ -217,7 +223,7 @@ class CT2Translator:
 
     def __init__(self, model_dir: str | Path, data: str | Path, beam: int = 4, lenpen: float = 1.0,
                  max_len_a: float = 1.2, max_len_b: int = 10, threads: int = 1, batch_size: int = 64,
-                 compute_type: str = "default"):
+                 compute_type: str = "default", use_vmap: bool = False):
         import sentencepiece as spm
 
         model_dir, data = Path(model_dir), Path(data)
@@ -230,6 +236,9 @@ class CT2Translator:
         if not spm_model.is_file():
             raise CT2Error(f"{spm_model} not found: pass the prepared data dir (with {SPM_MODEL}) or the "
                            f"sentencepiece model itself")
+        if use_vmap and not (model_dir / VMAP).is_file():
+            raise CT2Error(f"{model_dir}: no {VMAP}; convert with a vocabulary map (convert_to_ctranslate2(vmap=...))")
+        self.use_vmap = use_vmap
         if beam < 1 or batch_size < 1:
             raise CT2Error(f"beam ({beam}) and batch size ({batch_size}) must be >= 1")
         self.spm = spm.SentencePieceProcessor(model_file=str(spm_model))
@@ -257,7 +266,7 @@ class CT2Translator:
             results = self.translator.translate_batch(
                 [pieces for _, pieces in batch], beam_size=self.beam, length_penalty=self.lenpen,
                 max_decoding_length=max_len, min_decoding_length=1, return_end_token=True,
-                suppress_sequences=[["<blank>"]], max_input_length=0)
+                suppress_sequences=[["<blank>"]], max_input_length=0, use_vmap=self.use_vmap)
             for (i, _), result in zip(batch, results):
                 outputs[i] = self.spm.decode([t for t in result.hypotheses[0] if t not in SPECIALS])
         return outputs

@@ -18,6 +18,7 @@ from typing import Iterable, List, Sequence
 import numpy as np
 
 from export import candidates
+from export import shortlist as shortlist_lib
 from export.model_dir import GRAPHS, ModelDir, ModelDirError, StateSpec
 from export.search import SearchOptions, left_pad, search
 
@@ -38,6 +39,7 @@ class OnnxStepModel:
         self.vocab_size = description["vocab_size"]
         self.candidates = set(candidates.OUTPUTS) <= set(self.outputs)  # else the search takes the log-probs
         self.log_probs_only = candidates.INPUTS if self.candidates else {}  # the extra inputs, passing them as is
+        self.vocabulary: np.ndarray | None = None  # int64 [C]: the next search's shortlist (a shortlisted step)
 
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
         """src_tokens int64 [B, S] -> the encoder's outputs (once per sentence, [B, ...]) and fresh states for
@@ -51,6 +53,8 @@ class OnnxStepModel:
         self.binding = self.decoder_step.io_binding()
         for name, v in self.memory.items():
             self.binding.bind_ortvalue_input(name, v)
+        if self.vocabulary is not None:
+            self.binding.bind_cpu_input(shortlist_lib.INPUT, self.vocabulary)
         self.extra: dict = {}  # the extra inputs, bound at the first step; kept alive here for ONNX Runtime
 
     def keep(self, sentences: np.ndarray) -> None:
@@ -84,6 +88,9 @@ class OnnxStepModel:
 
     def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
         """tokens, order int64 [N] -> log-probs float32 [N, V]; the states advance in place of the old ones."""
+        if self.vocabulary is not None:
+            raise shortlist_lib.ShortlistError("a shortlisted step gives candidates only: no_repeat_ngram_size needs the "
+                                           "whole vocabulary's log-probs, so it cannot be combined with a shortlist")
         (log_probs,) = self._run(tokens, order, ["log_probs"], self.log_probs_only)
         return log_probs.numpy()
 
@@ -102,11 +109,13 @@ class Translator:
     """Raw sentences in, detokenized translations out, on ONNX Runtime; batched, thread count settable.
 
     ``format="ort"`` runs the ORT-format graphs (``lite export --ort``), as ONNX Runtime Mobile would.
+    ``shortlist``: a vocabulary map (``lite data shortlist``; export/shortlist.py): each batch's search scores only
+    the target tokens that its source words map to.
     Sentences longer than the model's source positions are truncated, with a warning (as the torch backend).
     """
 
     def __init__(self, model_dir: str | Path, options: SearchOptions = SearchOptions(), threads: int = 1,
-                 batch_size: int = 64, format: str = "onnx"):
+                 batch_size: int = 64, format: str = "onnx", shortlist: str | Path | None = None):
         import onnxruntime as ort
         import sentencepiece as spm
 
@@ -136,16 +145,20 @@ class Translator:
             names = list(external)
             options_.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
                                                                     [external[n].nbytes for n in names])
-        sessions = {g: ort.InferenceSession(str(self.dir.graph(g, format)), options_,
-                                            providers=["CPUExecutionProvider"]) for g in GRAPHS}
-        del external  # ONNX Runtime copied what it needs
+        self.shortlist = self._shortlist(shortlist, format) if shortlist is not None else None
+        graphs = {g: str(self.dir.graph(g, format)) for g in GRAPHS}
+        if self.shortlist is not None:
+            graphs["decoder_step"] = self._shortlisted_step()
+        sessions = {g: ort.InferenceSession(graph, options_, providers=["CPUExecutionProvider"])
+                    for g, graph in graphs.items()}
+        del external, graphs  # ONNX Runtime copied what it needs
         for g, session in sessions.items():  # a graph swapped for another, its hash recomputed, stops here
-            found = {"inputs": {i.name for i in session.get_inputs()},
+            found = {"inputs": {i.name for i in session.get_inputs()} - {shortlist_lib.INPUT},
                      "outputs": {o.name for o in session.get_outputs()}}
             if any(found[k] != set(d["io"][g][k]) for k in found):
                 raise ModelDirError(f"{self.dir.graph(g, format)}: its inputs/outputs are not those model.json lists "
                                     f"for the {g} graph; it belongs to another model or place")
-        vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]
+        vocab = sessions["decoder_step"].get_outputs()[0].shape[-1]  # symbolic when shortlisted
         if isinstance(vocab, int) and vocab != d["vocab_size"]:
             raise ModelDirError(f"{self.model_dir}: decoder_step gives {vocab} log-probs, model.json says "
                                 f"{d['vocab_size']}")
@@ -153,6 +166,24 @@ class Translator:
         self.max_source_tokens = d["max_source_positions"] - 1  # <eos> is appended
         self.seconds = 0.0  # time spent in translate(), for --timing
         self.sentences = 0
+
+    def _shortlist(self, path: str | Path, format: str) -> "shortlist_lib.Shortlist":
+        if format != "onnx":
+            raise ModelDirError("a shortlist rewrites the decoder-step graph at load: use the ONNX graphs, not "
+                                f"the {format.upper()}-format ones")
+        if self.options.no_repeat_ngram_size:
+            raise shortlist_lib.ShortlistError("no_repeat_ngram_size needs the whole vocabulary's log-probs: it "
+                                               "cannot be combined with a shortlist")
+        d = self.description
+        return shortlist_lib.Shortlist(path, self.symbols, always=[d["eos"], d["unk"]])
+
+    def _shortlisted_step(self) -> bytes:
+        """The model dir's decoder step over a given vocabulary, serialized (its weights inside)."""
+        import onnx
+
+        with self.dir.readable_graphs() as files:
+            model = onnx.load(str(files["decoder_step"]))
+        return shortlist_lib.shortlisted_step(model, self.description["vocab_size"]).SerializeToString()
 
     def encode(self, line: str) -> np.ndarray:
         """Raw sentence -> token ids int64 [n] ending in eos (unknown pieces -> unk)."""
@@ -177,6 +208,9 @@ class Translator:
         start = time.perf_counter()
         for first in range(0, len(todo), self.batch_size):  # the target starts with eos, as fairseq's does
             chunk = todo[first:first + self.batch_size]
+            if self.shortlist is not None:
+                self.model.vocabulary = self.shortlist.candidates(
+                    [[self.symbols[i] for i in ids[:-1]] for _, ids in chunk], at_least=2 * self.options.beam)
             hypos = search(self.model, left_pad([t for _, t in chunk], d["pad"]), eos=d["eos"], pad=d["pad"], unk=d["unk"],
                            options=self.options, max_len_cap=d["max_target_positions"] - 1)
             for (i, _), nbest in zip(chunk, hypos):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from export.search import SearchOptions
+from lite.errors import LiteError
 
 BACKENDS = ("torch", "onnx", "ort")
 
@@ -15,9 +16,12 @@ logger = logging.getLogger(__name__)
 
 
 def open_translator(backend: str, path: str | Path, data: str | Path | None = None,
-                    options: SearchOptions = SearchOptions(), threads: int = 1, batch_size: int = 64):
+                    options: SearchOptions = SearchOptions(), threads: int = 1, batch_size: int = 64,
+                    shortlist: str | Path | None = None):
     """(translator, data dir): ``torch`` reads a checkpoint; ``onnx`` and ``ort`` a model dir made by ``lite export``
-    (``ort``: its ORT-format graphs)."""
+    (``ort``: its ORT-format graphs). ``shortlist``: a vocabulary map (``lite data shortlist``), onnx only."""
+    if shortlist is not None and backend != "onnx":
+        raise LiteError(f"--shortlist rewrites the ONNX decoder step: it needs --backend onnx, not {backend}")
     if backend == "torch":
         from lite.torch_translator import TorchTranslator
 
@@ -26,7 +30,8 @@ def open_translator(backend: str, path: str | Path, data: str | Path | None = No
     if backend in ("onnx", "ort"):
         from export.runtime import Translator
 
-        translator = Translator(path, options, threads=threads, batch_size=batch_size, format=backend)
+        translator = Translator(path, options, threads=threads, batch_size=batch_size, format=backend,
+                                shortlist=shortlist)
         return translator, Path(data or translator.description["data"])
     raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
 

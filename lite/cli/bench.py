@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 
 import eval.bench as library
 from lite.cli.types import non_negative_int, positive_int
@@ -29,6 +30,8 @@ def _run(args) -> int:
     targets += [Target("onnx", p, data=args.data) for p in args.model]
     targets += [Target("ort", p, data=args.data) for p in args.ort_model]
     targets += [Target("ct2", p, quantization=q, data=args.data) for p in args.ct2 for q in args.ct2_quantization]
+    if args.shortlist:  # each onnx and ct2 target again, with the vocabulary map
+        targets += [replace(t, shortlist=args.shortlist) for t in targets if t.backend in ("onnx", "ct2")]
     if not targets:
         raise LiteError("nothing to measure: give --checkpoint, --model, --ort-model or --ct2")
     config = library.BenchConfig(sentences=args.sentences, threads=args.threads, repeat=args.repeat, warmup=args.warmup,
@@ -56,6 +59,8 @@ def register(sub) -> None:
     p.add_argument("--ct2-quantization", type=lambda t: tuple(q.strip() for q in t.split(",")),
                    default=("int8", "float32"), help="CTranslate2 types to measure (default: int8,float32)")
     p.add_argument("--data", help="prepared data dir (default: the one each model names)")
+    p.add_argument("--shortlist", help="vocabulary map (`lite data shortlist`): also measure every onnx and ct2 "
+                                       "target with it")
     p.add_argument("--sentences", type=positive_int, default=300, help="the first N non-empty lines")
     p.add_argument("--threads", type=_threads, default=(1,), help="thread counts, e.g. 1,all (default: 1)")
     p.add_argument("--repeat", type=positive_int, default=1, help="runs per target; figures are the median")

@@ -1,7 +1,7 @@
-"""``lite data prepare | download | embedded``."""
+"""``lite data prepare | download | embedded | shortlist``."""
 from __future__ import annotations
 
-from lite.cli.types import positive_int
+from lite.cli.types import non_negative_int, positive_int
 
 
 def _run(args) -> int:
@@ -13,6 +13,12 @@ def _run(args) -> int:
         from lite.download import download
 
         download(args.name, args.out)
+    elif args.action == "shortlist":
+        from lite.shortlist import build_shortlist
+
+        counts = build_shortlist(args.data, args.out, args.per_source, args.frequent, args.iterations)
+        print(f"{args.out}: {counts['frequent']} target pieces always, up to {counts['per_source']} for each of "
+              f"{counts['source_pieces']} source pieces (IBM Model 1 on {counts['pairs']} training pairs)")
     else:
         from lite.corpus import write_default_corpus
 
@@ -36,4 +42,12 @@ def register(sub) -> None:
     p.add_argument("--out", required=True)
     p = actions.add_parser("embedded", help="write the embedded default German->English corpus")
     p.add_argument("--out", required=True)
+    p = actions.add_parser("shortlist", help="a vocabulary map (CTranslate2's vmap format) from a prepared dir's "
+                                             "training split, for `--shortlist`")
+    p.add_argument("data", help="prepared data dir (`lite data prepare`)")
+    p.add_argument("--out", required=True, help="the vocabulary map file to write")
+    p.add_argument("--per-source", type=positive_int, default=20, help="translations kept per source piece")
+    p.add_argument("--frequent", type=non_negative_int, default=100,
+                   help="most frequent target pieces, always candidates")
+    p.add_argument("--iterations", type=positive_int, default=5, help="IBM Model 1 EM iterations")
     data.set_defaults(func=_run)

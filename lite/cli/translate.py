@@ -31,7 +31,7 @@ def _translate(args) -> int:
 
     lines = read_stream(sys.stdin.buffer, "<stdin>", keep_going=True)  # a line that is not UTF-8 reads as ""
     translator, _ = open_translator(args.backend, _model_path(args), args.data, _options(args), args.threads,
-                                    args.batch_size)
+                                    args.batch_size, args.shortlist)
     start = time.perf_counter()
     outputs = translate_lines(translator, lines, "<stdin>")
     seconds = time.perf_counter() - start
@@ -48,7 +48,7 @@ def _eval(args) -> int:
     from eval.evaluate import evaluate
 
     result = evaluate(_model_path(args), args.split, data=args.data, options=_options(args), out_dir=args.out,
-                      backend=args.backend, threads=args.threads, batch_size=args.batch_size)
+                      backend=args.backend, threads=args.threads, batch_size=args.batch_size, shortlist=args.shortlist)
     print(json.dumps(result, indent=2) if args.json else
           f"{args.split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  ({args.backend}, "
           f"{result['ms_per_sentence']:.1f} ms/sentence)\n"
@@ -70,6 +70,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len-b", type=non_negative_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=64, help="sentences per batch")
     p.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads (onnx backend)")
+    p.add_argument("--shortlist", help="vocabulary map (`lite data shortlist`): score only the target tokens the "
+                                       "batch's source words map to (onnx backend)")
 
 
 def register(sub) -> None:

@@ -53,3 +53,19 @@ def test_cli_writes_the_json_and_prints_the_table(trained, workdir, tmp_path, ca
                  "--warmup", "0", "--batch", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["figures"]["sentences"] == 3
     assert "| torch:" in capsys.readouterr().out
+
+
+def test_shortlist_measures_each_onnx_target_again_with_it(model_dir, workdir, tmp_path):
+    from export.runtime import Translator
+    from lite.shortlist import build_shortlist
+
+    vmap = tmp_path / "vmap.txt"
+    build_shortlist(workdir / "data", vmap, per_source=2, frequent=5)
+    out, source = tmp_path / "bench.json", workdir / "data" / "raw" / "test.de"
+    assert main(["bench", "--source", str(source), "--model", str(model_dir), "--shortlist", str(vmap),
+                 "--sentences", "4", "--warmup", "0", "--batch", "2", "--out", str(out)]) == 0
+    plain, shortlisted = json.loads(out.read_text())["results"]
+    assert (plain["target"], shortlisted["target"]) == (f"onnx:{model_dir.name}", f"onnx:{model_dir.name}+shortlist")
+    sources = source.read_text(encoding="utf-8").split("\n")[:4]
+    translator = Translator(model_dir, shortlist=vmap, batch_size=1)
+    assert shortlisted["hypotheses"] == [translator.translate([line])[0] for line in sources]

@@ -189,3 +189,18 @@ def test_existing_dir_needs_force(transformer, fp32_dir, tmp_path):
         convert_to_ctranslate2(transformer, tmp_path, force=True)
     assert convert_to_ctranslate2(transformer, fp32_dir, force=True) == fp32_dir
     assert ctranslate2.contains_model(str(fp32_dir))
+
+
+def test_vocabulary_map_of_every_token_translates_as_without(transformer, fp32_dir, workdir, sentences, tmp_path):
+    """The vmap goes into the dir as CTranslate2's vmap.txt; with every target token in it, use_vmap changes nothing
+    (export/shortlist.py reads the same file for ours)."""
+    symbols = read_lines(workdir / "data" / "dict.en.txt")
+    vmap = tmp_path / "every.txt"
+    vmap.write_text("\t" + " ".join(line.split()[0] for line in symbols) + "\n", encoding="utf-8")
+    with_map = convert_to_ctranslate2(transformer, tmp_path / "vmap", vmap=vmap)
+    assert (with_map / "vmap.txt").read_bytes() == vmap.read_bytes()
+    sources = sentences[0][:60]
+    expected = CT2Translator(fp32_dir, workdir / "data", beam=4).translate(sources)
+    assert CT2Translator(with_map, workdir / "data", beam=4, use_vmap=True).translate(sources) == expected
+    with pytest.raises(CT2Error, match="no vmap.txt"):
+        CT2Translator(fp32_dir, workdir / "data", use_vmap=True)
