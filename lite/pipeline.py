@@ -1,7 +1,7 @@
 """``lite pipeline CONFIG``: parallel text -> trained, compressed, exported, int8 models -> bench -> report, in one go.
 
-    data -> <model>/train -> [<model>/prune -> <model>/finetune] -> <model>/export -> <model>/quantize
-         -> <model>/eval -> bench -> summary -> report
+    data -> [shortlist] -> <model>/train -> [<model>/prune -> <model>/finetune] -> <model>/export
+         -> <model>/quantize -> <model>/eval -> bench -> summary -> report
 
 Every stage is skipped when its inputs are unchanged: a stage's key is the sha256 of its options and of the
 content of the artifacts it reads, recorded in ``<run>/manifest.json`` with the hashes of what it wrote, the
@@ -77,6 +77,13 @@ class BenchSettings:
     repeat: int = 1
     batch: int = 32
     ct2: bool = True  # CTranslate2 int8 on every plain-Transformer model of the run
+    shortlist: dict | None = None  # {per_source, frequent}: a vocabulary map, every onnx and ct2 target again with it
+
+
+@dataclass(frozen=True)
+class ShortlistSettings:  # lite data shortlist's options
+    per_source: int = 20
+    frequent: int = 100
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if m.prune is not None and "budget" not in m.prune:
             raise PipelineError(f"{path}: models.{name}.prune needs a budget (MACs, e.g. 1M)")
     bench = _typed(BenchSettings, raw.get("bench") or {}, f"{path}: bench")
+    if bench.shortlist is not None:
+        _typed(ShortlistSettings, bench.shortlist, f"{path}: bench.shortlist")
     return PipelineConfig(raw["name"], _typed(DataConfig, raw.get("data") or {}, f"{path}: data"), models,
                           BenchSettings(**{**bench.__dict__, "threads": tuple(bench.threads)}), path)
 
@@ -368,7 +377,23 @@ def _bench_targets(config: PipelineConfig, run_dir: Path) -> list:
         if config.bench.ct2 and _family(m.overrides.get("arch") or _config_arch(m.config)) == "transformer":
             targets += [Target("ct2", str(final), "float32", label=f"{name}/fp32"),  # its output vs fairseq's
                         Target("ct2", str(final), "int8", label=f"{name}/int8")]
+    if config.bench.shortlist is not None:  # as `lite bench --shortlist`
+        targets += [replace(t, shortlist=str(_shortlist_path(run_dir))) for t in targets if t.backend in ("onnx", "ct2")]
     return targets
+
+
+def _shortlist_path(run_dir: Path) -> Path:
+    return run_dir / "shortlist.txt"
+
+
+def _shortlist_stage(config: PipelineConfig, run_dir: Path) -> Stage:
+    from lite.shortlist import build_shortlist
+
+    settings, out = ShortlistSettings(**config.bench.shortlist), _shortlist_path(run_dir)
+    return Stage("shortlist", _cmd("lite", "data", "shortlist", run_dir / "data", "--out", out, "--per-source",
+                                   settings.per_source, "--frequent", settings.frequent), settings.__dict__,
+                 [run_dir / "data"], [out], lambda: build_shortlist(run_dir / "data", out, settings.per_source,
+                                                                    settings.frequent))
 
 
 def _config_arch(model_config: str) -> str:
@@ -389,14 +414,15 @@ def _bench_stage(config: PipelineConfig, run_dir: Path) -> Stage:
     command = _cmd("lite", "bench", "--source", raw / f"{split}.{config.data.src}", "--reference",
                    raw / f"{split}.{config.data.tgt}", *[a for f, p in dict.fromkeys((flags[t.backend], t.path) for t in targets) for a in (f, p)],
                    "--ct2-quantization", "float32,int8", "--sentences", b.sentences, "--threads",
-                   ",".join(map(str, b.threads)), "--repeat", b.repeat, "--batch", b.batch, "--out", out)
+                   ",".join(map(str, b.threads)), "--repeat", b.repeat, "--batch", b.batch, "--out", out,
+                   *(["--shortlist", _shortlist_path(run_dir)] if b.shortlist is not None else []))
 
     def run():
         document = bench(targets, read_lines(raw / f"{split}.{config.data.src}"),
                          read_lines(raw / f"{split}.{config.data.tgt}"), bench_config)
         write_json(out, {**document, "command": command})
 
-    inputs = [Path(t.path) for t in targets]
+    inputs = list(dict.fromkeys(Path(p) for t in targets for p in (t.path, t.shortlist) if p))
     return Stage("bench", command, {"config": bench_config.__dict__}, inputs, [out], run)
 
 
@@ -423,6 +449,8 @@ def plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     """The stages of a run, in order."""
     from eval.report import report
     stages = [_data_stage(config, run_dir)]
+    if config.bench.shortlist is not None:
+        stages.append(_shortlist_stage(config, run_dir))
     for name, m in config.models.items():
         stages += _model_stages(config, run_dir, name, m)
     stages.append(_bench_stage(config, run_dir))

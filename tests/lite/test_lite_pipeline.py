@@ -64,8 +64,13 @@ def test_summary_equals_an_independent_recount(run):
 def test_a_second_run_skips_everything_and_a_change_reruns_from_there(run, tmp_path):
     config, run_dir, _ = run
     assert run_pipeline(config, run_dir) == []
-    changed = _config(tmp_path, bench={"sentences": 3, "batch": 2})
-    assert run_pipeline(changed, run_dir) == ["bench", "summary", "report"]
+    changed = _config(tmp_path, bench={"sentences": 3, "batch": 2, "shortlist": {"per_source": 3, "frequent": 10}})
+    assert run_pipeline(changed, run_dir) == ["shortlist", "bench", "summary", "report"]
+    backends = json.loads((run_dir / "report" / "summary.json").read_text())["backends"]
+    shortlisted = {n for n in backends if "+shortlist" in n}
+    assert len(backends) == 14 and len(shortlisted) == 6  # each onnx and ct2 target again, with the map
+    assert {n.replace("+shortlist", "") for n in shortlisted} < set(backends)
+    assert (run_dir / "shortlist.txt").read_text(encoding="utf-8").startswith("\t")
 
 
 def test_a_failed_stage_is_recorded_and_the_rerun_continues_there(tmp_path, run):
@@ -88,6 +93,10 @@ def test_bad_configs_and_a_locked_run_dir_are_refused(tmp_path, run):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "models": {"m": {"config": TINY, "epochs": 3}}}))
     with pytest.raises(PipelineError, match="unknown key.*epochs.*valid: config, overrides"):
+        load_pipeline(path)
+    path.write_text(yaml.safe_dump({"name": "x", "models": {"m": {"config": TINY}},
+                                    "bench": {"shortlist": {"per_sorce": 3}}}))
+    with pytest.raises(PipelineError, match="bench.shortlist: unknown key.*per_sorce.*valid: per_source, frequent"):
         load_pipeline(path)
     with open(run_dir / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
