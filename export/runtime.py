@@ -89,8 +89,7 @@ class OnnxStepModel:
     def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
         """tokens, order int64 [N] -> log-probs float32 [N, V]; the states advance in place of the old ones."""
         if self.vocabulary is not None:
-            raise shortlist_lib.ShortlistError("a shortlisted step gives candidates only: no_repeat_ngram_size needs the "
-                                           "whole vocabulary's log-probs, so it cannot be combined with a shortlist")
+            raise shortlist_lib.ShortlistError(shortlist_lib.NO_REPEAT)  # a shortlisted step gives candidates only
         (log_probs,) = self._run(tokens, order, ["log_probs"], self.log_probs_only)
         return log_probs.numpy()
 
@@ -172,8 +171,7 @@ class Translator:
             raise ModelDirError("a shortlist rewrites the decoder-step graph at load: use the ONNX graphs, not "
                                 f"the {format.upper()}-format ones")
         if self.options.no_repeat_ngram_size:
-            raise shortlist_lib.ShortlistError("no_repeat_ngram_size needs the whole vocabulary's log-probs: it "
-                                               "cannot be combined with a shortlist")
+            raise shortlist_lib.ShortlistError(shortlist_lib.NO_REPEAT)
         d = self.description
         return shortlist_lib.Shortlist(path, self.symbols, always=[d["eos"], d["unk"]])
 

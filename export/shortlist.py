@@ -23,6 +23,7 @@ from export.model_dir import ModelDirError
 
 PROJECTIONS = ("MatMul", "MatMulInteger")  # what the output projection is exported or quantized to
 INPUT = "vocabulary"
+NO_REPEAT = "no_repeat_ngram_size needs the whole vocabulary's log-probs: it cannot be combined with a shortlist"
 
 
 class ShortlistError(ModelDirError):
