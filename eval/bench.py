@@ -69,6 +69,20 @@ class Target:
                f"{self.label or Path(self.path).name}{'+shortlist' if self.shortlist else ''}"
 
 
+def distinct_labels(targets: Sequence[Target]) -> list[Target]:
+    """Targets whose names would collide (``onnx:int8`` of two model dirs) labelled by as many trailing parts of
+    their paths as tell them apart (``d128/int8``, ``lsra_100m/int8``)."""
+    out = list(targets)
+    for depth in range(1, max((len(Path(t.path).parts) for t in targets), default=1) + 1):
+        names = [t.name for t in out]
+        clashing = [i for i, t in enumerate(targets) if t.label is None and names.count(out[i].name) > 1]
+        if not clashing:
+            break
+        for i in clashing:
+            out[i] = replace(targets[i], label="/".join(Path(targets[i].path).parts[-depth - 1:]))
+    return out
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     sentences: int = 300  # the first N non-empty source lines

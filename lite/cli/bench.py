@@ -30,6 +30,7 @@ def _run(args) -> int:
     targets += [Target("onnx", p, data=args.data) for p in args.model]
     targets += [Target("ort", p, data=args.data) for p in args.ort_model]
     targets += [Target("ct2", p, quantization=q, data=args.data) for p in args.ct2 for q in args.ct2_quantization]
+    targets = library.distinct_labels(targets)
     if args.shortlist:  # each onnx and ct2 target again, with the vocabulary map
         targets += [replace(t, shortlist=args.shortlist) for t in targets if t.backend in ("onnx", "ct2")]
     if not targets:

@@ -69,3 +69,15 @@ def test_shortlist_measures_each_onnx_target_again_with_it(model_dir, workdir, t
     sources = source.read_text(encoding="utf-8").split("\n")[:4]
     translator = Translator(model_dir, shortlist=vmap, batch_size=1)
     assert shortlisted["hypotheses"] == [translator.translate([line])[0] for line in sources]
+
+
+def test_targets_whose_names_clash_are_told_apart_by_their_paths():
+    from eval.bench import distinct_labels
+
+    targets = [Target("onnx", "runs/export/d128/int8"), Target("onnx", "runs/export/lsra_100m/int8"),
+               Target("onnx", "runs/x/fp32"), Target("ct2", "runs/a/checkpoints/best.pt", "int8"),
+               Target("ct2", "runs/b/checkpoints/best.pt", "int8"), Target("ct2", "runs/b/checkpoints/best.pt", "float32"),
+               Target("onnx", "runs/y/int8", label="mine")]
+    assert [t.name for t in distinct_labels(targets)] == [
+        "onnx:d128/int8", "onnx:lsra_100m/int8", "onnx:fp32", "ct2-int8:a/checkpoints/best.pt",
+        "ct2-int8:b/checkpoints/best.pt", "ct2-float32:best.pt", "onnx:mine"]
