@@ -51,18 +51,22 @@ def ibm1(sources: list[np.ndarray], targets: list[np.ndarray], src_vocab: int, i
 
 
 def build_shortlist(data_dir: str | Path, out: str | Path, per_source: int = 20, frequent: int = 100,
-                    iterations: int = 5) -> dict:
-    """Write the vmap of ``data_dir``'s training split to ``out`` (atomically); returns counts for the user."""
+                    iterations: int = 5, max_pairs: int = 100_000) -> dict:
+    """Write the vmap of ``data_dir``'s training split to ``out`` (atomically); returns counts for the user.
+
+    The EM holds every (source piece, target piece) pair of each sentence pair in memory (about 40 bytes each), so it
+    reads the first ``max_pairs`` sentence pairs: 100,000 of 20 pieces a side is about 1.6 GB."""
     import sentencepiece as spm
 
-    if per_source < 1 or frequent < 0 or iterations < 1:
-        raise DataError(f"shortlist: per_source ({per_source}) and iterations ({iterations}) must be >= 1, "
-                        f"frequent ({frequent}) >= 0")
+    if per_source < 1 or frequent < 0 or iterations < 1 or max_pairs < 1:
+        raise DataError(f"shortlist: per_source ({per_source}), iterations ({iterations}) and max_pairs ({max_pairs}) "
+                        f"must be >= 1, frequent ({frequent}) >= 0")
     data_dir = Path(data_dir)
     corpus = Corpus.load(data_dir)
     processor = spm.SentencePieceProcessor(model_file=str(data_dir / "spm.model"))
     pairs = [(s, t) for s, t in zip(read_lines(data_dir / "raw" / f"train.{corpus.src}"),
                                     read_lines(data_dir / "raw" / f"train.{corpus.tgt}")) if s.strip() and t.strip()]
+    pairs = pairs[:max_pairs]
     sources = [np.array(ids) for ids in processor.encode([s for s, _ in pairs])]
     targets = [np.array(ids) for ids in processor.encode([t for _, t in pairs])]
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]

@@ -16,7 +16,7 @@ def _run(args) -> int:
     elif args.action == "shortlist":
         from lite.shortlist import build_shortlist
 
-        counts = build_shortlist(args.data, args.out, args.per_source, args.frequent, args.iterations)
+        counts = build_shortlist(args.data, args.out, args.per_source, args.frequent, args.iterations, args.max_pairs)
         print(f"{args.out}: {counts['frequent']} target pieces always, up to {counts['per_source']} for each of "
               f"{counts['source_pieces']} source pieces (IBM Model 1 on {counts['pairs']} training pairs)")
     else:
@@ -50,4 +50,6 @@ def register(sub) -> None:
     p.add_argument("--frequent", type=non_negative_int, default=100,
                    help="most frequent target pieces, always candidates")
     p.add_argument("--iterations", type=positive_int, default=5, help="IBM Model 1 EM iterations")
+    p.add_argument("--max-pairs", type=positive_int, default=100_000,
+                   help="training pairs read (the first N; the EM's memory grows with them)")
     data.set_defaults(func=_run)

@@ -51,7 +51,8 @@ def test_vmap_lists_the_frequent_targets_and_each_source_piece(workdir, tmp_path
     keys = [line.split("\t")[0] for line in lines[1:]]
     assert set(keys) == sources and len(keys) == counts["source_pieces"]
     assert all(1 <= len(line.split("\t")[1].split()) <= 3 for line in lines[1:])
-    for bad in ({"per_source": 0}, {"frequent": -1}, {"iterations": 0}):
+    assert build_shortlist(data, tmp_path / "few.txt", max_pairs=50)["pairs"] == 50
+    for bad in ({"per_source": 0}, {"frequent": -1}, {"iterations": 0}, {"max_pairs": 0}):
         with pytest.raises(DataError, match="shortlist"):
             build_shortlist(data, tmp_path / "bad.txt", **bad)
     assert not (tmp_path / "bad.txt").exists()
