@@ -4,7 +4,7 @@
     lite macs --checkpoint runs/x/checkpoints/checkpoint_best.pt [--data DIR]
     lite macs --family lsra --budget 100M      # the largest embed dim whose preset fits the budget
     lite macs --markdown                        # the README table of every preset
-    lite macs --mechanisms [--run-dir runs/multi30k_100m]   # the README table of token mixers (+ a run's figures)
+    lite macs --mechanisms [--run-dir runs/multi30k_100m ...]   # the README table of token mixers (+ runs' figures)
 
 MACs follow the Lite Transformer paper's protocol (eval/macs.py): source + target tokens, batch 1, the full
 teacher-forced decoder pass, embeddings and output projection excluded. Decode MACs: one sentence translated
@@ -25,12 +25,12 @@ def _run(args) -> int:
 
     if args.budget is not None and args.family is None:
         raise MacsError("--budget goes with --family (e.g. --family lsra --budget 100M)")
-    if args.run_dir is not None and not args.mechanisms:
+    if args.run_dir and not args.mechanisms:
         raise MacsError("--run-dir goes with --mechanisms")
     if args.mechanisms:
         from eval.mechanisms import markdown_table as mechanisms_table
 
-        print(mechanisms_table(args.run_dir))
+        print(mechanisms_table(args.run_dir or ()))
     elif args.markdown:
         from eval.macs_table import markdown_table
 
@@ -96,7 +96,9 @@ def register(sub) -> None:
     what.add_argument("--mechanisms", action="store_true",
                       help="print the Markdown table of token mixers: paper, encoder/decoder, decoding state, "
                            "MACs of the 100M preset (+ BLEU and int8 latency from --run-dir)")
-    p.add_argument("--run-dir", help="with --mechanisms: a `lite pipeline` run dir (its report/summary.json)")
+    p.add_argument("--run-dir", action="append", help="with --mechanisms: a `lite pipeline` run dir (its "
+                                                      "report/summary.json); repeat for several runs, the last "
+                                                      "one given wins for a preset in more than one")
     p.add_argument("--budget", type=budget, help="with --family: MACs, e.g. 100M, 0.5G or 90000000")
     p.add_argument("--data", help="with --checkpoint: its data dir, when not where it was trained")
     p.add_argument("--src-len", type=positive_int, default=SRC_LEN, help="source tokens (default: %(default)s)")

@@ -20,7 +20,7 @@ def test_an_encoder_only_row_says_why_and_keeps_no_state():
 
 def _summary(tmp_path):
     report = tmp_path / "report"
-    report.mkdir()
+    report.mkdir(parents=True)
     (report / "summary.json").write_text(json.dumps({
         "stages": {"local/fp32": {"bleu": 31.25, "arch": "local_100m", "macs": 98},
                    "local/int8": {"bleu": 31.0, "arch": "local_100m", "macs": 98},
@@ -44,7 +44,22 @@ def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
     assert "| no: the length projection mixes every position (its preset's decoder: attention) |" in rows[
         "`linformer_100m`"]
     assert "| yes | yes |" in rows["`local_100m`"]
-    assert run_figures(None) == {}
+    assert run_figures() == {}
+
+
+def test_figures_from_several_runs_the_last_wins(tmp_path):
+    first, second = _summary(tmp_path / "a"), tmp_path / "b" / "report"
+    second.mkdir(parents=True)
+    (second / "summary.json").write_text(json.dumps({
+        "stages": {"linear/fp32": {"bleu": 28.5, "arch": "linear_100m", "macs": 98},
+                   "local/fp32": {"bleu": 33.0, "arch": "local_100m", "macs": 98}}, "backends": {}}))
+    out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(first), "--run-dir", str(second.parent)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
+    assert rows["`linear_100m`"].endswith("| 28.50 | – |")
+    assert rows["`local_100m`"].endswith("| 33.00 | – |")  # the second run's, without its latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # only in the first
+    assert f"from `{first}`, `{second.parent}`" in out.stdout
 
 
 def test_run_dir_needs_mechanisms(tmp_path):
