@@ -41,14 +41,16 @@ pads are zero. Masked logits take the dtype's lowest finite value, not -inf, so 
 
 Incremental state (one frame per call), batch first so beams reorder on dim 0, each growing by one slot a step:
 ``key``, ``value`` [B, H, t, D] and ``frame`` [B, t, C] (the inputs x, for the block embeddings), slot p holding
-position p (zero past the real frames: a left pad's step writes nothing), ``count`` [B] long (real frames so far: the
-next frame's position). O(t): a step cuts the caches into blocks, balances P again over all of them (O(t / b) blocks)
-and takes its block's row.
+position p (zero past the real frames: a left pad's step writes nothing); ``column`` [B, K, t], slot j holding each
+Sinkhorn round's log column sum of column j over the finished rows (those of whole blocks); ``count`` [B] long (real
+frames so far: the next frame's position). O(t) memory; a step balances only its block's row of P against the
+column sums (O(K t / b)) and adds that row to them at the block's last frame, so its work beyond the caches'
+block sums and the sorted block (O(t C)) does not grow with t².
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ from lite.modules.pattern_attention import PatternAttention
 if TYPE_CHECKING:  # lite.modules imports this module to register it
     from lite.modules import MixerSpec
 
-STATE_NAMES = ("key", "value", "frame", "count")
+STATE_NAMES = ("key", "value", "frame", "column", "count")
 
 
 def sinkhorn(logits: Tensor, mask: Tensor, iterations: int, causal: bool) -> Tensor:
@@ -169,39 +171,43 @@ class SinkhornAttention(PatternAttention):
             state = {"key": x.new_zeros(batch, self.num_heads, 0, self.head_dim),
                      "value": x.new_zeros(batch, self.num_heads, 0, self.head_dim),
                      "frame": x.new_zeros(batch, 0, self.embed_dim),
+                     "column": x.new_zeros(batch, self.iterations, 0),
                      "count": torch.zeros(batch, dtype=torch.long, device=x.device)}
         return state
 
     def _step(self, x: Tensor, padding_mask: Optional[Tensor],
               incremental_state: Dict[str, Dict[str, Optional[Tensor]]]) -> Tensor:
         """One frame: x [B, C], padding mask [B] -> [B, C]. The caches grow by a slot a step and slot p holds position
-        p (slots past the real frames stay zero), so the blocks are the caches cut every b slots; the permutation is
-        balanced again over all blocks so far, and the current block's row of it taken."""
+        p (slots past the real frames stay zero), so the blocks are the caches cut every b slots. Row i of P (the
+        query's block) reads only the whole blocks before it and, for each round's column normalization, the rows
+        before it, whose column sums the state keeps: the row is balanced alone, O(K N), not the whole P."""
         state = self._state(incremental_state, x)
         real = torch.ones_like(state["count"], dtype=torch.bool) if padding_mask is None else ~padding_mask  # [B]
         position = state["count"]  # [B]
         batch, size = x.size(0), self.block
         q, k, v = self._heads(x)  # [B, H, D]
         slots = state["key"].size(2) + 1
-        here = (torch.arange(slots, device=x.device) == position.unsqueeze(1)) & real.unsqueeze(1)  # [B, t]
-        key = torch.cat([state["key"], k.unsqueeze(2).new_zeros(k.unsqueeze(2).shape)], dim=2)  # [B, H, t, D]
-        key = torch.where(here[:, None, :, None], k.unsqueeze(2), key)
-        value = torch.cat([state["value"], v.unsqueeze(2).new_zeros(v.unsqueeze(2).shape)], dim=2)
-        value = torch.where(here[:, None, :, None], v.unsqueeze(2), value)
-        frame = torch.cat([state["frame"], x.new_zeros(batch, 1, self.embed_dim)], dim=1)  # [B, t, C]
-        frame = torch.where(here.unsqueeze(-1), x.unsqueeze(1), frame)
+        # the frame goes to slot p by a scatter (a broadcast Where over the caches took 3x its kernel time in ONNX
+        # Runtime); a pad's step writes zeros to slot p, which is still empty
+        pad_row = ~real.view(batch, 1, 1)
+        k, v, x = k.masked_fill(pad_row, 0.0), v.masked_fill(pad_row, 0.0), x.masked_fill(pad_row[:, 0], 0.0)
+        at = position.view(batch, 1, 1, 1).expand(batch, self.num_heads, 1, self.head_dim)
+        key = torch.cat([state["key"], torch.zeros_like(k).unsqueeze(2)], dim=2).scatter(2, at, k.unsqueeze(2))
+        value = torch.cat([state["value"], torch.zeros_like(v).unsqueeze(2)], dim=2).scatter(2, at, v.unsqueeze(2))
+        at = position.view(batch, 1, 1).expand(batch, 1, self.embed_dim)
+        frame = torch.cat([state["frame"], torch.zeros_like(x).unsqueeze(1)], dim=1).scatter(1, at, x.unsqueeze(1))
+        low = torch.finfo(x.dtype).min
+        column = torch.cat([state["column"], x.new_full((batch, self.iterations, 1), low)], dim=2)  # [B, K, t]
         pad = (size - slots % size) % size
         blocks = (slots + pad) // size
-        count = position + real.long()  # [B]: real frames after this step
-        valid = torch.arange(blocks, device=x.device) * size < count.unsqueeze(1)  # [B, N]
-        embeddings = F.pad(frame, (0, 0, 0, pad)).view(batch, blocks, size, self.embed_dim).sum(2)  # [B, N, C]
         current = torch.div(position, size, rounding_mode="floor")  # [B]: the query's block i
-        row = self.permutation(embeddings, valid).gather(1, current.view(batch, 1, 1).expand(batch, 1, blocks))
+        row, column = self._row(F.pad(frame, (0, 0, 0, pad)).view(batch, blocks, size, self.embed_dim).sum(2),
+                                current, column, real & (position % size == size - 1))  # [B, N], [B, K, t]
         shape = (batch, self.num_heads, blocks, size * self.head_dim)
         key_blocks = F.pad(key, (0, 0, 0, pad)).view(shape)  # [B, H, N, b D]
         value_blocks = F.pad(value, (0, 0, 0, pad)).view(shape)
-        sorted_k = torch.matmul(row.unsqueeze(1), key_blocks)  # [B, H, 1, b D]: sum_j P[i, j] k_j
-        sorted_v = torch.matmul(row.unsqueeze(1), value_blocks)
+        sorted_k = torch.matmul(row[:, None, None, :], key_blocks)  # [B, H, 1, b D]: sum_j P[i, j] k_j
+        sorted_v = torch.matmul(row[:, None, None, :], value_blocks)
         pick = current.view(batch, 1, 1, 1).expand(batch, self.num_heads, 1, size * self.head_dim)
         own_k, own_v = key_blocks.gather(2, pick), value_blocks.gather(2, pick)  # [B, H, 1, b D]
         keys = torch.cat([own_k, sorted_k], dim=2).view(batch, self.num_heads, 2 * size, self.head_dim)
@@ -209,10 +215,31 @@ class SinkhornAttention(PatternAttention):
         within = torch.arange(size, device=x.device) <= (position % size).unsqueeze(1)  # [B, b]: own block so far
         visible = torch.cat([within, (current > 0).unsqueeze(1).expand(batch, size)], dim=1)  # [B, 2b]
         out = self._attend(q.unsqueeze(2), keys, values, visible[:, None, None, :])  # [B, H, 1, D]
-        updates = {"key": key, "value": value, "frame": frame, "count": count}
+        updates = {"key": key, "value": value, "frame": frame, "column": column, "count": position + real.long()}
         for name, tensor in updates.items():
             self.set_incremental_state(incremental_state, name, tensor)
         return self.out_proj(out.flatten(1)).masked_fill(~real.unsqueeze(1), 0.0)
+
+    def _row(self, embeddings: Tensor, current: Tensor, column: Tensor, last: Tensor) -> Tuple[Tensor, Tensor]:
+        """Row i of the causal P, from the block embeddings [B, N, C] (blocks j < i whole), i = ``current`` [B], and
+        ``column`` [B, K, t]: per round, slot j holds log sum_r exp(log P_round(r, j)) over the rows r < i (row-
+        normalized entries; the rest of the slots the dtype's lowest value). Returns P[i] [B, N] and the column sums
+        with row i added where ``last`` [B] (the block's last frame: row i is complete) -> [B, K, t]."""
+        batch, blocks = embeddings.shape[:2]
+        earlier = torch.arange(blocks, device=embeddings.device) < current.unsqueeze(1)  # [B, N]: j < i
+        mean = embeddings.masked_fill(~earlier.unsqueeze(-1), 0.0).sum(1) / current.clamp(min=1).to(embeddings.dtype).unsqueeze(1)
+        scale = 1.0 / (self.block * math.sqrt(self.embed_dim) * self.temperature)
+        log_p = torch.matmul(embeddings, self.sort(mean).unsqueeze(-1)).squeeze(-1) * scale  # R[i, :] / tau [B, N]
+        low = torch.finfo(log_p.dtype).min
+        sums = []
+        for k in range(self.iterations):
+            log_p = log_p.masked_fill(~earlier, low)
+            log_p = (log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)).masked_fill(~earlier, low)  # row sums to 1
+            sums.append(torch.logsumexp(torch.stack([column[:, k, :blocks], log_p]), dim=0))  # [B, N]: columns, rows <= i
+            log_p = log_p - sums[-1]
+        row = torch.exp(log_p.masked_fill(~earlier, low))  # [B, N]
+        added = torch.cat([torch.stack(sums, dim=1), column[:, :, blocks:]], dim=2)  # [B, K, t]
+        return row, torch.where(last.view(batch, 1, 1), added, column)
 
     # ---------------------------------------------------------------- readable definition
 

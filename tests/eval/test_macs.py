@@ -222,14 +222,15 @@ def _sinkhorn(args, side: str, queries: int, keys: int, step: bool) -> int:
     block (decoder: earlier-block mean) embeddings, C^2 a block, and the N x N bilinear scores, C a pair. Full pass on
     T frames, N = ceil(T / b): the sorted keys and values, P times the blocks' b C channels, N^2 b C each; each padded
     frame's query against its 2 b keys (its block and its sorted block, causal or not), QK^T and AV: 2 x 2 b C. One
-    decoding step with t frames cached, N = ceil(t / b): the SortNet again over the N blocks, the current block's row
-    of P times the blocks, 2 N b C, and the query against 2 b keys. The K Sinkhorn iterations (logsumexp, subtraction)
-    and the block sums are additions and exponentials: no MACs."""
+    decoding step with t frames cached, N = ceil(t / b): the SortNet for the current block's row only, W_s on the
+    earlier blocks' mean, C^2, and its scores against the N blocks, N C; that row of P times the blocks, 2 N b C, and
+    the query against 2 b keys. The K Sinkhorn iterations (logsumexp, subtraction), the block sums and the mean are
+    additions, exponentials and one division: no MACs."""
     c, block = getattr(args, f"{side}_embed_dim"), args.sinkhorn_block
     blocks = -(-keys // block)
-    sortnet = blocks * c * c + blocks * blocks * c
     if step:
-        return 4 * c * c + sortnet + 2 * blocks * block * c + 2 * 2 * block * c
+        return 4 * c * c + c * c + blocks * c + 2 * blocks * block * c + 2 * 2 * block * c
+    sortnet = blocks * c * c + blocks * blocks * c
     return queries * 4 * c * c + sortnet + 2 * blocks * blocks * block * c + 2 * blocks * block * 2 * block * c
 def _poolingformer(args, side: str, frames: int) -> int:
     """Poolingformer attention (encoder) on T ``frames`` frames (C channels, first window w1, second window w2, pools

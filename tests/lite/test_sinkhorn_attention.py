@@ -180,21 +180,41 @@ def test_padded_frames_do_not_leak(causal):
     assert_close(y, unit.reference_forward(x, mask))
 
 
-def test_state_is_the_cached_frames():
-    """O(t): keys, values and input frames, one slot a step (a pad's step too, written nowhere)."""
+def test_state_is_the_cached_frames_and_the_column_sums():
+    """O(t): keys, values, input frames and each round's column sums, one slot a step (a pad's step too, written
+    nowhere); the column sums of the rows of whole blocks only (block i's row joins at its last frame)."""
     unit = make_unit(causal=True)
     state = {}
     mask = torch.tensor([[True, True, False, False, False, False, False], [False] * 7])  # [B, T]: row 0 left-padded
+    low = torch.finfo(torch.float32).min
     for t in range(1, 8):
         unit(torch.randn(1, 2, 16), mask[:, t - 1:t], incremental_state=state)
         shapes = tuple(tuple(unit.get_incremental_state(state, name).shape) for name in STATE_NAMES)
-        assert shapes == ((2, 4, t, 4), (2, 4, t, 4), (2, t, 16), (2,))
+        assert shapes == ((2, 4, t, 4), (2, 4, t, 4), (2, t, 16), (2, ITERATIONS, t), (2,))
+        column = unit.get_incremental_state(state, "column")
+        rows_done = [max(0, t - 2) // BLOCK, t // BLOCK]  # whole blocks so far; rows 0 and 1 hold no entry
+        for b, done in enumerate(rows_done):
+            assert ((column[b] > low / 2).sum(1) == max(0, done - 1)).all(), (t, b)  # columns j < done - 1
     assert unit.get_incremental_state(state, "count").tolist() == [5, 7]
     assert (unit.get_incremental_state(state, "frame")[0, 5:] == 0).all()  # slots past row 0's 5 real frames
     initial = unit.initial_state(5, torch.zeros(1))
     assert {slot: tuple(t.shape) for slot, t in initial.items()} == \
         {("key", None): (5, 4, 0, 4), ("value", None): (5, 4, 0, 4), ("frame", None): (5, 0, 16),
-         ("count", None): (5,)}
+         ("column", None): (5, ITERATIONS, 0), ("count", None): (5,)}
+
+
+def test_a_step_balances_its_row_alone():
+    """The step never balances the whole P again (O(K N^2) and more a step): only the full pass calls
+    ``permutation``; stepping still equals the full causal pass (the parity tests above)."""
+    unit = make_unit(causal=True)
+    x = torch.randn(11, 2, 16)
+    full = unit(x)
+
+    def refuse(*args):
+        raise AssertionError("a decoding step balanced the whole permutation")
+    unit.permutation = refuse
+    state = {}
+    assert_close(torch.cat([unit(x[t:t + 1], incremental_state=state) for t in range(11)]), full)
 
 
 def test_the_encoder_form_refuses_incremental_state():
