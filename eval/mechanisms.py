@@ -58,7 +58,7 @@ MECHANISMS = (
     Mechanism("routing", "Roy et al. 2021, Routing Transformer (k-means clusters)",
               "O(t): keys/values + key clusters", ("routing_100m",)),
     Mechanism("sinkhorn", "Tay et al. 2020, Sparse Sinkhorn Attention (local + sorted block)",
-              "O(t): keys/values + input frames", ("sinkhorn_100m",)),
+              "O(t): keys/values + input frames + column sums", ("sinkhorn_100m",)),
     Mechanism("poolingformer", "Zhang et al. 2021, Poolingformer (window + pooled window)", "",
               ("poolingformer_100m",), "the pooled windows look ahead"),
     Mechanism("reformer", "Kitaev et al. 2020, Reformer (shared-QK LSH; encoder: sorted chunks; decoder: unchunked)",
