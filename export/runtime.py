@@ -1,9 +1,9 @@
 """A translator on ONNX Runtime alone: sentencepiece -> encoder graph -> beam search over the decoder-step graph.
 
 No torch here (a test imports this module where importing torch fails). One decoder-step call per step
-serves every sentence and hypothesis of a batch; the decoder states stay ONNX Runtime values bound to the
-session (I/O binding): a step's state outputs are the next step's inputs, with the beam reordering done
-inside the graph, so no state is copied between steps.
+serves every sentence and hypothesis of a batch; the decoder states stay ONNX Runtime values: a step's state
+outputs are the next step's inputs, with the beam reordering done inside the graph, so no state is copied
+between steps.
 
     translator = Translator("runs/export/lsra")          # verifies every file against model.json
     translator.translate(["Ein Hund läuft."])             # -> ["A dog is running."]
@@ -27,12 +27,20 @@ logger = logging.getLogger(__name__)
 
 class OnnxStepModel:
     """The two graphs behind export/search.py's ``StepModel`` protocol, and its ``CandidateStepModel`` when the
-    step graph has the in-graph candidates (export/candidates.py; graphs exported before them have not)."""
+    step graph has the in-graph candidates (export/candidates.py; graphs exported before them have not).
+
+    Each step runs through ``run_with_ortvaluevector``, ONNX Runtime's call with the least Python around it: the
+    feeds are one vector of values (tokens, step, order, the sentence's memory, the previous step's states) and the
+    outputs another, whose states feed the next step as they are (I/O binding spends ~2 µs of Python on each bound
+    name, 26 a step)."""
 
     def __init__(self, encoder, decoder_step, description: dict):
         import onnxruntime as ort
+        from onnxruntime.capi import _pybind_state as C  # OrtValueVector, the type run_with_ortvaluevector takes
 
-        self.ort, self.encoder, self.decoder_step = ort, encoder, decoder_step
+        self.ort, self.C, self.encoder, self.decoder_step = ort, C, encoder, decoder_step
+        self.cpu = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        self.run_options = ort.RunOptions()
         self.memory_names = description["io"]["encoder"]["outputs"][1:]
         self.states = [StateSpec.from_json(s) for s in description["states"]]
         self.outputs = description["io"]["decoder_step"]["outputs"]
@@ -41,50 +49,55 @@ class OnnxStepModel:
         self.log_probs_only = candidates.INPUTS if self.candidates else {}  # the extra inputs, passing them as is
         self.vocabulary: np.ndarray | None = None  # int64 [C]: the next search's shortlist (a shortlisted step)
 
+    def _value(self, array: np.ndarray):
+        """A value over ``array``'s memory (not a copy): the caller keeps the array alive while it is fed."""
+        return self.C.OrtValue.ortvalue_from_numpy(array, self.cpu)
+
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
         """src_tokens int64 [B, S] -> the encoder's outputs (once per sentence, [B, ...]) and fresh states for
-        B * beam rows, bound to a new I/O binding that the steps of this search reuse (only tokens, order, step and
-        states change)."""
+        B * beam rows."""
         outputs = self.encoder.run_with_ort_values(None, {"src_tokens": self.ort.OrtValue.ortvalue_from_numpy(src_tokens)})
-        self.memory = dict(zip(["encoder_padding_mask", *self.memory_names], outputs))
+        self.extra: dict = {}  # the extra inputs, the same for every step of a search (set at its first step)
+        self._memory(dict(zip(["encoder_padding_mask", *self.memory_names], (v.numpy() for v in outputs))))
         rows = src_tokens.shape[0] * beam
-        self.values = [self.ort.OrtValue.ortvalue_from_numpy(s.initial(rows)) for s in self.states]
+        self.initial = [s.initial(rows) for s in self.states]  # alive until the first step has read them
+        self.state_values = [self._value(a) for a in self.initial]
         self.step_index = 0
-        self.binding = self.decoder_step.io_binding()
-        for name, v in self.memory.items():
-            self.binding.bind_ortvalue_input(name, v)
-        if self.vocabulary is not None:
-            self.binding.bind_cpu_input(shortlist_lib.INPUT, self.vocabulary)
-        self.extra: dict = {}  # the extra inputs, bound at the first step; kept alive here for ONNX Runtime
+
+    def _memory(self, memory: dict[str, np.ndarray]) -> None:
+        """The sentences' encoder outputs (and the shortlist, and the search's extra inputs) as the step's fixed
+        feeds."""
+        self.memory = memory
+        fixed = {**memory, **({} if self.vocabulary is None else {shortlist_lib.INPUT: self.vocabulary}),
+                 **self.extra}
+        self.fixed_names, self.fixed_values = list(fixed), [self._value(a) for a in fixed.values()]
 
     def keep(self, sentences: np.ndarray) -> None:
-        """Only these sentences go on: their encoder outputs bound in place of the batch's (the states follow through
+        """Only these sentences go on: their encoder outputs fed in place of the batch's (the states follow through
         the next step's order)."""
-        value = self.ort.OrtValue.ortvalue_from_numpy
-        self.memory = {name: value(np.ascontiguousarray(v.numpy()[sentences])) for name, v in self.memory.items()}
-        for name, v in self.memory.items():
-            self.binding.bind_ortvalue_input(name, v)
+        self._memory({name: np.ascontiguousarray(a[sentences]) for name, a in self.memory.items()})
 
     def _run(self, tokens: np.ndarray, order: np.ndarray, outputs: list[str], extra: dict) -> list:
-        """One step: feeds bound, the states advanced; returns the OrtValues of ``outputs`` (states excluded)."""
-        binding = self.binding
-        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        binding.bind_cpu_input("step", np.array(self.step_index, dtype=np.int64))
-        binding.bind_cpu_input("order", np.ascontiguousarray(order, dtype=np.int64))
-        if self.step_index == 0:  # the same for every step of a search
-            self.extra = extra
-            for name, v in extra.items():
-                binding.bind_cpu_input(name, v)
+        """One step: the states advanced; returns the values of ``outputs`` (states excluded)."""
+        if self.step_index == 0:
+            self.extra = {name: np.asarray(v) for name, v in extra.items()}
+            self._memory(self.memory)
             self.output_names = [*outputs, *(s.name + ".next" for s in self.states)]
-        for state, v in zip(self.states, self.values):
-            binding.bind_ortvalue_input(state.name, v)
-        for name in self.output_names:  # unallocated: the states grow every step
-            binding.bind_output(name, "cpu")
-        self.decoder_step.run_with_iobinding(binding)
-        found = binding.get_outputs()
-        self.values = found[len(outputs):]
+            self.devices = [self.cpu] * len(self.output_names)
+        self.fed = (np.ascontiguousarray(tokens, dtype=np.int64), np.array(self.step_index, dtype=np.int64),
+                    np.ascontiguousarray(order, dtype=np.int64))  # alive while the step runs
+        names = ["tokens", "step", "order", *self.fixed_names, *(s.name for s in self.states)]
+        feeds = self.C.OrtValueVector()
+        for value in (*map(self._value, self.fed), *self.fixed_values, *self.state_values):
+            feeds.push_back(value)
+        fetched = self.C.OrtValueVector()
+        self.decoder_step.run_with_ortvaluevector(self.run_options, names, feeds, self.output_names, fetched,
+                                                  self.devices)
+        self.fetched, found = fetched, len(outputs)  # the states below are views into this vector: keep it
+        self.state_values = [fetched[i] for i in range(found, len(self.output_names))]
+        self.initial = None
         self.step_index += 1
-        return found[:len(outputs)]
+        return [fetched[i] for i in range(found)]
 
     def step(self, tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
         """tokens, order int64 [N] -> log-probs float32 [N, V]; the states advance in place of the old ones."""
