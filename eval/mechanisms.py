@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from eval.macs import paper_macs
 from eval.macs_protocol import VOCAB_SIZE
@@ -66,7 +67,7 @@ MECHANISMS = (
 )
 
 
-def run_figures(run_dirs: list[str | Path] | tuple = ()) -> dict[str, dict]:
+def run_figures(run_dirs: Sequence[str | Path] = ()) -> dict[str, dict]:
     """{arch: {"bleu", "latency_ms"}} from pipeline runs' ``report/summary.json``: fp32 BLEU, and the int8 ONNX
     latency at 1 thread where the int8 model is that one (not a pruned one, which has fewer MACs). A preset in
     several runs takes the figures of the last one given."""
@@ -88,7 +89,7 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
     return figures
 
 
-def markdown_table(run_dirs: list[str | Path] | tuple = ()) -> str:
+def markdown_table(run_dirs: Sequence[str | Path] = ()) -> str:
     figures = run_figures(run_dirs)
     rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | "
             "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|"]
