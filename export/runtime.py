@@ -56,7 +56,8 @@ class OnnxStepModel:
     def start(self, src_tokens: np.ndarray, beam: int) -> None:
         """src_tokens int64 [B, S] -> the encoder's outputs (once per sentence, [B, ...]) and fresh states for
         B * beam rows."""
-        outputs = self.encoder.run_with_ort_values(None, {"src_tokens": self.ort.OrtValue.ortvalue_from_numpy(src_tokens)})
+        source = self.ort.OrtValue.ortvalue_from_numpy(src_tokens)
+        outputs = self.encoder.run_with_ort_values(None, {"src_tokens": source})
         self.extra: dict = {}  # the extra inputs, the same for every step of a search (set at its first step)
         self._memory(dict(zip(["encoder_padding_mask", *self.memory_names], (v.numpy() for v in outputs))))
         rows = src_tokens.shape[0] * beam

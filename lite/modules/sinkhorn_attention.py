@@ -227,7 +227,8 @@ class SinkhornAttention(PatternAttention):
         with row i added where ``last`` [B] (the block's last frame: row i is complete) -> [B, K, t]."""
         batch, blocks = embeddings.shape[:2]
         earlier = torch.arange(blocks, device=embeddings.device) < current.unsqueeze(1)  # [B, N]: j < i
-        mean = embeddings.masked_fill(~earlier.unsqueeze(-1), 0.0).sum(1) / current.clamp(min=1).to(embeddings.dtype).unsqueeze(1)
+        earlier_sum = embeddings.masked_fill(~earlier.unsqueeze(-1), 0.0).sum(1)  # [B, C]
+        mean = earlier_sum / current.clamp(min=1).to(embeddings.dtype).unsqueeze(1)
         scale = 1.0 / (self.block * math.sqrt(self.embed_dim) * self.temperature)
         log_p = torch.matmul(embeddings, self.sort(mean).unsqueeze(-1)).squeeze(-1) * scale  # R[i, :] / tau [B, N]
         low = torch.finfo(log_p.dtype).min
@@ -235,7 +236,7 @@ class SinkhornAttention(PatternAttention):
         for k in range(self.iterations):
             log_p = log_p.masked_fill(~earlier, low)
             log_p = (log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)).masked_fill(~earlier, low)  # row sums to 1
-            sums.append(torch.logsumexp(torch.stack([column[:, k, :blocks], log_p]), dim=0))  # [B, N]: columns, rows <= i
+            sums.append(torch.logsumexp(torch.stack([column[:, k, :blocks], log_p]), dim=0))  # [B, N]: rows <= i
             log_p = log_p - sums[-1]
         row = torch.exp(log_p.masked_fill(~earlier, low))  # [B, N]
         added = torch.cat([torch.stack(sums, dim=1), column[:, :, blocks:]], dim=2)  # [B, K, t]
