@@ -62,6 +62,46 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     assert f"from `{first}`, `{second.parent}`" in out.stdout
 
 
+def _bench(tmp_path, models: dict[str, tuple[str, dict | None]], results: list[tuple[str, int, float, str | None]]):
+    """A ``lite bench`` output over model dirs {name: (arch, quantization)}; results (name, threads, p50, error)."""
+    for name, (arch, quantization) in models.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "model.json").write_text(json.dumps({"arch": arch, "quantization": quantization}))
+    targets = [{"backend": "onnx", "path": str(tmp_path / name), "quantization": None, "data": None, "label": None,
+                "shortlist": None} for name in models]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"targets": targets, "results": [
+        {"target": f"onnx:{name}", "backend": "onnx", "threads": threads, "error": error,
+         "figures": {} if error else {"latency_ms_p50": p50}} for name, threads, p50, error in results]}))
+    return path
+
+
+def test_bench_gives_every_latency_from_one_run(tmp_path):
+    """--bench: the int8 dirs' latencies at 1 thread, by their model.json arch; the runs' latencies are dropped."""
+    bench = _bench(tmp_path / "bench", {"local8": ("local_100m", {"method": "ort-dynamic"}),
+                                        "local32": ("local_100m", None),
+                                        "linear8": ("linear_100m", {"method": "ort-dynamic"}),
+                                        "strided8": ("strided_100m", {"method": "ort-dynamic"})},
+                   [("local8", 1, 12.34, None), ("local8", 2, 8.0, None), ("local32", 1, 30.0, None),
+                    ("linear8", 1, 9.87, None), ("strided8", 1, 0.0, "worker died")])
+    out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")), "--bench", str(bench)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
+    assert rows["`local_100m`"].endswith("| 31.25 | 12.3 |")  # the run's BLEU, the bench's int8 latency
+    assert rows["`linear_100m`"].endswith("| – | 9.9 |")  # only benched
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")
+    assert rows["`strided_100m`"].endswith("| – | – |")  # its bench target failed
+    assert f"Latency from `{bench}` (one `lite bench` run)" in out.stdout
+
+
+def test_bench_with_two_int8_models_of_one_preset_is_refused(tmp_path):
+    bench = _bench(tmp_path, {"a": ("local_100m", {"method": "ort-dynamic"}),
+                              "b": ("local_100m", {"method": "ort-static"})},
+                   [("a", 1, 1.0, None), ("b", 1, 2.0, None)])
+    refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
+    assert refused.returncode == 2 and "two int8 models of local_100m" in refused.stderr
+
+
 def test_run_dir_needs_mechanisms(tmp_path):
     refused = run([*LITE, "macs", "--arch", "local_100m", "--run-dir", str(tmp_path)])
-    assert refused.returncode == 2 and "--run-dir goes with --mechanisms" in refused.stderr
+    assert refused.returncode == 2 and "--run-dir and --bench go with --mechanisms" in refused.stderr
