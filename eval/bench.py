@@ -10,7 +10,9 @@ Targets (each measured in a fresh worker process, one after the other, so that i
     ct2     CTranslate2 on a plain-Transformer checkpoint (``--ct2``), converted once per quantization
             (``--ct2-quantization int8,float32``) into ``<checkpoint>.ct2-<quantization>/``
 With ``--shortlist VMAP`` every onnx and ct2 target is measured a second time with that vocabulary map
-(``<name>+shortlist``: ours through export/shortlist.py, CTranslate2 with ``use_vmap``).
+(``<name>+shortlist``: ours through export/shortlist.py, CTranslate2 with ``use_vmap``); with ``--ort-search``
+every onnx target a second time with the whole search in ONNX Runtime's BeamSearch op (``<name>+ort-search``,
+export/ort_search.py).
 
 Figures per target and thread count (the JSON's ``results``; times in ms, sizes in MB):
     load_s              seconds to build the translator (files read, sessions created)
@@ -62,11 +64,13 @@ class Target:
     data: str | None = None  # prepared data dir, when not the one the model names
     label: str | None = None  # what the results call it (default: the path's last part)
     shortlist: str | None = None  # onnx, ct2: a vocabulary map (``lite data shortlist``)
+    search: str = "fairseq"  # onnx: "ort" for ONNX Runtime's BeamSearch op
 
     @property
     def name(self) -> str:
         return f"{self.backend}{'-' + self.quantization if self.quantization else ''}:" \
-               f"{self.label or Path(self.path).name}{'+shortlist' if self.shortlist else ''}"
+               f"{self.label or Path(self.path).name}{'+shortlist' if self.shortlist else ''}" \
+               f"{'+ort-search' if self.search == 'ort' else ''}"
 
 
 def distinct_labels(targets: Sequence[Target]) -> list[Target]:
@@ -151,7 +155,7 @@ def _open(target: Target, config: BenchConfig, threads: int):
     from lite.translate import open_translator
 
     translator, _ = open_translator(target.backend, target.path, target.data, options, threads, batch_size=1,
-                                    shortlist=target.shortlist)
+                                    shortlist=target.shortlist, search=target.search)
     return translator, Path(target.path)
 
 

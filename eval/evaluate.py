@@ -27,13 +27,14 @@ def split_lines(data_dir: Path, split: str) -> tuple[list[str], list[str]]:
 
 def evaluate(model: str | Path, split: str, data: str | Path | None = None, options: SearchOptions = SearchOptions(),
              out_dir: str | Path | None = None, backend: str = "torch", threads: int = 1,
-             batch_size: int = 64, shortlist: str | Path | None = None) -> dict:
+             batch_size: int = 64, shortlist: str | Path | None = None, search: str = "fairseq") -> dict:
     """Translate ``<data>/raw/<split>.<src>``, score against ``<split>.<tgt>``, write hypotheses and scores.
 
     ``model`` is a fairseq checkpoint (backend ``torch``) or an exported model dir (``onnx``, ``ort``);
-    ``shortlist`` a vocabulary map for the onnx backend (the hypotheses then go to ``<split>.shortlist.hyp.*``).
+    ``shortlist`` a vocabulary map for the onnx backend (the hypotheses then go to ``<split>.shortlist.hyp.*``);
+    ``search="ort"`` ONNX Runtime's BeamSearch op (export/ort_search.py; hypotheses in ``<split>.ort-search.hyp.*``).
     """
-    translator, data_dir = open_translator(backend, model, data, options, threads, batch_size, shortlist)
+    translator, data_dir = open_translator(backend, model, data, options, threads, batch_size, shortlist, search)
     sources, references = split_lines(data_dir, split)
 
     start = time.perf_counter()
@@ -44,14 +45,14 @@ def evaluate(model: str | Path, split: str, data: str | Path | None = None, opti
     out_dir = Path(out_dir) if out_dir else path.parent / "eval" if backend == "torch" else \
         path.with_name(path.name + ".eval")
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{split}.shortlist" if shortlist else split
+    name = split + (".shortlist" if shortlist else "") + (".ort-search" if search == "ort" else "")
     hypotheses_path = out_dir / f"{name}.hyp.{Corpus.load(data_dir).tgt}"
     write_lines(hypotheses_path, hypotheses)
     result = {
         "checkpoint": str(model), "split": split, "sentences": len(sources),
         **score(hypotheses, references),
         "beam": options.beam, "lenpen": options.lenpen, "backend": backend,
-        **({"shortlist": str(shortlist)} if shortlist else {}),
+        **({"shortlist": str(shortlist)} if shortlist else {}), "search": search,
         "seconds": round(seconds, 2), "ms_per_sentence": round(1000 * seconds / max(len(sources), 1), 2),
         "hypotheses": str(hypotheses_path),
     }

@@ -17,12 +17,13 @@ from typing import Iterable, List, Sequence
 
 import numpy as np
 
-from export import candidates
+from export import candidates, ort_search
 from export import shortlist as shortlist_lib
 from export.model_dir import GRAPHS, ModelDir, ModelDirError, StateSpec
 from export.search import SearchOptions, left_pad, search
 
 logger = logging.getLogger(__name__)
+SEARCHES = ("fairseq", "ort")  # export/search.py (fairseq's, step for step); ONNX Runtime's BeamSearch op
 
 
 class OnnxStepModel:
@@ -122,13 +123,16 @@ class Translator:
     """Raw sentences in, detokenized translations out, on ONNX Runtime; batched, thread count settable.
 
     ``format="ort"`` runs the ORT-format graphs (``lite export --ort``), as ONNX Runtime Mobile would.
+    ``search="ort"`` runs each batch's whole search in one ONNX Runtime call (export/ort_search.py; Transformer
+    family only) instead of export/search.py's, which is fairseq's step for step.
     ``shortlist``: a vocabulary map (``lite data shortlist``; export/shortlist.py): each batch's search scores only
     the target tokens that its source words map to.
     Sentences longer than the model's source positions are truncated, with a warning (as the torch backend).
     """
 
     def __init__(self, model_dir: str | Path, options: SearchOptions = SearchOptions(), threads: int = 1,
-                 batch_size: int = 64, format: str = "onnx", shortlist: str | Path | None = None):
+                 batch_size: int = 64, format: str = "onnx", shortlist: str | Path | None = None,
+                 search: str = "fairseq"):
         import onnxruntime as ort
         import sentencepiece as spm
 
@@ -153,16 +157,32 @@ class Translator:
         options_.inter_op_num_threads = 1
         options_.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options_.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if search not in SEARCHES:
+            raise ValueError(f"search {search!r}: use one of {', '.join(SEARCHES)}")
+        self.search = search
+        if search == "ort":
+            self._open_ort_search(options_, format, shortlist)
+        else:
+            self._open_step_model(options_, format, shortlist)
+        self.max_source_tokens = d["max_source_positions"] - 1  # <eos> is appended
+        self.seconds = 0.0  # time spent in translate(), for --timing
+        self.sentences = 0
+
+    def _open_step_model(self, session_options, format: str, shortlist) -> None:
+        """The encoder and decoder-step sessions behind export/search.py's search."""
+        import onnxruntime as ort
+
+        d = self.description
         external = self.dir.external_weights() if format == "onnx" else {}  # sparse weights, expanded here
         if external:
             names = list(external)
-            options_.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
+            session_options.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
                                                                     [external[n].nbytes for n in names])
         self.shortlist = self._shortlist(shortlist, format) if shortlist is not None else None
         graphs = {g: str(self.dir.graph(g, format)) for g in GRAPHS}
         if self.shortlist is not None:
             graphs["decoder_step"] = self._shortlisted_step()
-        sessions = {g: ort.InferenceSession(graph, options_, providers=["CPUExecutionProvider"])
+        sessions = {g: ort.InferenceSession(graph, session_options, providers=["CPUExecutionProvider"])
                     for g, graph in graphs.items()}
         del external, graphs  # ONNX Runtime copied what it needs
         for g, session in sessions.items():  # a graph swapped for another, its hash recomputed, stops here
@@ -176,9 +196,14 @@ class Translator:
             raise ModelDirError(f"{self.model_dir}: decoder_step gives {vocab} log-probs, model.json says "
                                 f"{d['vocab_size']}")
         self.model = OnnxStepModel(sessions["encoder"], sessions["decoder_step"], d)
-        self.max_source_tokens = d["max_source_positions"] - 1  # <eos> is appended
-        self.seconds = 0.0  # time spent in translate(), for --timing
-        self.sentences = 0
+
+    def _open_ort_search(self, session_options, format: str, shortlist) -> None:
+        if format != "onnx" or shortlist is not None:
+            raise ort_search.OrtSearchError("--search ort builds its graph from the ONNX graphs, over the whole "
+                                            "vocabulary: not with the ORT-format graphs or a shortlist")
+        ort_search.check_search_options(self.options)
+        self.model = ort_search.OrtBeamSearch(self.dir, session_options, self.options.no_repeat_ngram_size)
+        self.shortlist = None
 
     def _shortlist(self, path: str | Path, format: str) -> "shortlist_lib.Shortlist":
         if format != "onnx":
@@ -223,10 +248,15 @@ class Translator:
             if self.shortlist is not None:
                 self.model.vocabulary = self.shortlist.candidates(
                     [[self.symbols[i] for i in ids[:-1]] for _, ids in chunk], at_least=2 * self.options.beam)
-            hypos = search(self.model, left_pad([t for _, t in chunk], d["pad"]), eos=d["eos"], pad=d["pad"], unk=d["unk"],
-                           options=self.options, max_len_cap=d["max_target_positions"] - 1)
-            for (i, _), nbest in zip(chunk, hypos):
-                outputs[i] = self.decode(nbest[0].tokens.tolist())
+            src_tokens = left_pad([t for _, t in chunk], d["pad"])
+            if self.search == "ort":
+                best = self.model.search(src_tokens, self.options, max_len_cap=d["max_target_positions"] - 1)
+            else:
+                best = [nbest[0].tokens for nbest in search(self.model, src_tokens, eos=d["eos"], pad=d["pad"],
+                                                            unk=d["unk"], options=self.options,
+                                                            max_len_cap=d["max_target_positions"] - 1)]
+            for (i, _), tokens in zip(chunk, best):
+                outputs[i] = self.decode(tokens.tolist())
         self.seconds += time.perf_counter() - start
         self.sentences += len(todo)
         return outputs

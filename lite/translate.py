@@ -17,11 +17,14 @@ logger = logging.getLogger(__name__)
 
 def open_translator(backend: str, path: str | Path, data: str | Path | None = None,
                     options: SearchOptions = SearchOptions(), threads: int = 1, batch_size: int = 64,
-                    shortlist: str | Path | None = None):
+                    shortlist: str | Path | None = None, search: str = "fairseq"):
     """(translator, data dir): ``torch`` reads a checkpoint; ``onnx`` and ``ort`` a model dir made by ``lite export``
-    (``ort``: its ORT-format graphs). ``shortlist``: a vocabulary map (``lite data shortlist``), onnx only."""
+    (``ort``: its ORT-format graphs). ``shortlist``: a vocabulary map (``lite data shortlist``), onnx only.
+    ``search``: ``fairseq`` (fairseq's search, step for step) or ``ort`` (ONNX Runtime's BeamSearch op, onnx only)."""
     if shortlist is not None and backend != "onnx":
         raise LiteError(f"--shortlist rewrites the ONNX decoder step: it needs --backend onnx, not {backend}")
+    if search != "fairseq" and backend != "onnx":
+        raise LiteError(f"--search {search} runs the model dir's ONNX graphs: it needs --backend onnx, not {backend}")
     if backend == "torch":
         from lite.torch_translator import TorchTranslator
 
@@ -31,7 +34,7 @@ def open_translator(backend: str, path: str | Path, data: str | Path | None = No
         from export.runtime import Translator
 
         translator = Translator(path, options, threads=threads, batch_size=batch_size, format=backend,
-                                shortlist=shortlist)
+                                shortlist=shortlist, search=search)
         return translator, Path(data or translator.description["data"])
     raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
 

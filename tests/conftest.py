@@ -168,6 +168,24 @@ def trained(workdir, tmp_path_factory):
     return save_dir / "checkpoint_best.pt"
 
 
+# the tiny LSRA config as a plain Transformer (mixer heads unset: self and cross attention share 4 heads)
+TINY_TRANSFORMER = ["arch=transformer_d128", "mixer_attention_heads=null", "max_update=300", "lr=0.005",
+                    "warmup_updates=100", "dropout=0.0"]
+
+
+@pytest.fixture(scope="session")
+def trained_transformer(workdir, tmp_path_factory):
+    """A tiny Transformer (embed 32, 2+2 layers, 300 updates) trained on the embedded corpus, once per test run;
+    its checkpoint (copy it to change it)."""
+    from lite.train import load_config, train
+
+    with built_once(tmp_path_factory, "pipeline/ck_transformer") as (save_dir, build):
+        if build:
+            config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={save_dir}", *TINY_TRANSFORMER])
+            assert train(config) == 0
+    return save_dir / "checkpoint_best.pt"
+
+
 @pytest.fixture(scope="session")
 def model_dir(trained, tmp_path_factory):
     """``trained`` exported (ONNX graphs, no slim, no ORT format), for tests that only read the model dir."""

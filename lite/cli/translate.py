@@ -31,7 +31,7 @@ def _translate(args) -> int:
 
     lines = read_stream(sys.stdin.buffer, "<stdin>", keep_going=True)  # a line that is not UTF-8 reads as ""
     translator, _ = open_translator(args.backend, _model_path(args), args.data, _options(args), args.threads,
-                                    args.batch_size, args.shortlist)
+                                    args.batch_size, args.shortlist, args.search)
     start = time.perf_counter()
     outputs = translate_lines(translator, lines, "<stdin>")
     seconds = time.perf_counter() - start
@@ -48,9 +48,10 @@ def _eval(args) -> int:
     from eval.evaluate import evaluate
 
     result = evaluate(_model_path(args), args.split, data=args.data, options=_options(args), out_dir=args.out,
-                      backend=args.backend, threads=args.threads, batch_size=args.batch_size, shortlist=args.shortlist)
+                      backend=args.backend, threads=args.threads, batch_size=args.batch_size, shortlist=args.shortlist,
+                      search=args.search)
     print(json.dumps(result, indent=2) if args.json else
-          f"{args.split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  ({args.backend}, "
+          f"{args.split}: BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  ({args.backend}, {args.search} search, "
           f"{result['ms_per_sentence']:.1f} ms/sentence)\n"
           f"  {result['bleu_signature']}\n  {result['chrf_signature']}\n  hypotheses: {result['hypotheses']}")
     return 0
@@ -72,6 +73,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads (onnx backend)")
     p.add_argument("--shortlist", help="vocabulary map (`lite data shortlist`): score only the target tokens the "
                                        "batch's source words map to (onnx backend)")
+    p.add_argument("--search", choices=["fairseq", "ort"], default="fairseq",
+                   help="fairseq: fairseq's beam search, step for step (numpy between ONNX Runtime calls); ort: the "
+                        "whole search in one call per batch, ONNX Runtime's BeamSearch op (onnx backend, Transformer "
+                        "family; no --shortlist)")
 
 
 def register(sub) -> None:

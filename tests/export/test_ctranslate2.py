@@ -19,11 +19,8 @@ from lite.data import Corpus
 from lite.files import OutputError
 from lite.text import read_lines
 from lite.translate import open_translator
-from tests.conftest import ROOT, TINY_CONFIG, assert_close, tiny_dictionary, tiny_model
+from tests.conftest import ROOT, assert_close, tiny_dictionary, tiny_model
 
-# the tiny LSRA config as a plain Transformer (mixer heads unset: self and cross attention share 4 heads)
-TRANSFORMER = ["arch=transformer_d128", "mixer_attention_heads=null", "max_update=300", "lr=0.005",
-               "warmup_updates=100", "dropout=0.0"]
 LAYOUTS = {
     "post-norm": {},
     "pre-norm gelu": dict(normalize_before=True, activation_fn="gelu"),
@@ -105,14 +102,8 @@ def test_bad_options_and_dirs_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def transformer(workdir, tmp_path_factory):
-    """A tiny Transformer (embed 32, 2+2 layers, 300 updates) trained on the embedded corpus; its checkpoint."""
-    from lite.train import load_config, train
-
-    save_dir = tmp_path_factory.mktemp("ck_transformer")
-    config = load_config(TINY_CONFIG, [f"data={workdir / 'data'}", f"save_dir={save_dir}", *TRANSFORMER])
-    assert train(config) == 0
-    return save_dir / "checkpoint_best.pt"
+def transformer(trained_transformer):
+    return trained_transformer
 
 
 @pytest.fixture(scope="module")
