@@ -92,16 +92,19 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
 
 
 def bench_latencies(bench_json: str | Path) -> dict[str, float]:
-    """{arch: latency_ms_p50} of a ``lite bench`` run's int8 ONNX model dirs at 1 thread (the arch from each dir's
-    model.json; a target that failed gives none)."""
+    """{arch: latency_ms_p50} of a ``lite bench`` run's int8 ONNX model dirs at 1 thread, with our search (the arch
+    from each dir's model.json; a target that failed gives none)."""
     bench = json.loads(Path(bench_json).read_text(encoding="utf-8"))
     targets = [Target(**t) for t in bench["targets"]]
-    paths = {t.name: t.path for t in targets if t.backend == "onnx" and not t.shortlist}
+    paths = {t.name: t.path for t in targets if t.backend == "onnx" and not t.shortlist and t.search == "fairseq"}
     latencies, seen = {}, {}
     for result in bench["results"]:
         if result["target"] not in paths or result["threads"] != 1 or result["error"]:
             continue
         model_dir = Path(paths[result["target"]])
+        if not (model_dir / "model.json").is_file():
+            raise MacsError(f"{bench_json}: its target {result['target']} names {model_dir}, which holds no "
+                            "model.json (moved or deleted?): its preset cannot be told; rerun the bench")
         description = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
         if not description.get("quantization"):
             continue  # fp32

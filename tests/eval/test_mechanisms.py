@@ -102,6 +102,23 @@ def test_bench_with_two_int8_models_of_one_preset_is_refused(tmp_path):
     assert refused.returncode == 2 and "two int8 models of local_100m" in refused.stderr
 
 
+def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):
+    """A ``+ort-search`` target of the same dir is not a second model; a dir gone since the bench: one line."""
+    bench = _bench(tmp_path, {"a": ("local_100m", {"method": "ort-dynamic"})}, [("a", 1, 1.0, None)])
+    document = json.loads(bench.read_text())
+    document["targets"].append({**document["targets"][0], "search": "ort"})
+    document["results"].append({**document["results"][0], "target": "onnx:a+ort-search",
+                                "figures": {"latency_ms_p50": 0.5}})
+    bench.write_text(json.dumps(document))
+    out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | 1.0 |")
+    (tmp_path / "a" / "model.json").unlink()
+    refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
+    assert refused.returncode == 2 and "holds no model.json (moved or deleted?)" in refused.stderr
+    assert len(refused.stderr.strip().split("\n")) == 1
+
+
 def test_run_dir_needs_mechanisms(tmp_path):
     refused = run([*LITE, "macs", "--arch", "local_100m", "--run-dir", str(tmp_path)])
     assert refused.returncode == 2 and "--run-dir and --bench go with --mechanisms" in refused.stderr
