@@ -25,6 +25,8 @@ first, the first of them a self-attention cache [N, heads, steps, head dim] (the
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from export.model_dir import ModelDir, ModelDirError
@@ -161,8 +163,10 @@ def _encoder(model, memory: list[str], heads: int, head_dim: int):
     return graph
 
 
-def search_graph(model_dir: ModelDir, no_repeat_ngram_size: int = 0):
-    """The dir's encoder and decoder step under one ``BeamSearch`` node (an ``onnx.ModelProto``, weights inside).
+def search_graph(graphs: dict[str, Path], description: dict, no_repeat_ngram_size: int = 0):
+    """A model dir's encoder and decoder step (``ModelDir.readable_graphs``) under one ``BeamSearch`` node, an
+    ``onnx.ModelProto`` whose weights stay where the graphs keep them (external data beside them: pass that folder to
+    ONNX Runtime as ``session.model_external_initializers_file_folder_path``).
 
     Inputs: input_ids int32 [B, S], max_length, min_length, num_beams, num_return_sequences int32 [1],
     length_penalty, repetition_penalty float32 [1], vocab_mask int32 [V], attention_mask int32 [B, S].
@@ -170,10 +174,10 @@ def search_graph(model_dir: ModelDir, no_repeat_ngram_size: int = 0):
     import onnx
     from onnx import TensorProto, helper
 
-    d = model_dir.description
+    d = description
     states, memory, heads, head_dim = _layout(d)
-    with model_dir.readable_graphs() as files:
-        encoder_model, decoder_model = (onnx.load(str(files[g])) for g in ("encoder", "decoder_step"))
+    encoder_model, decoder_model = (onnx.load(str(graphs[g]), load_external_data=False)
+                                    for g in ("encoder", "decoder_step"))
     cross = next(i for i in decoder_model.graph.input if i.name == memory[0]).type.tensor_type.shape.dim
     encoder = _encoder(encoder_model, memory, cross[1].dim_value, cross[3].dim_value)
     decoder = _decoder(decoder_model, d, states, memory, heads, head_dim)
@@ -208,8 +212,11 @@ class OrtBeamSearch:
 
         self.description = d = model_dir.description
         self.no_repeat_ngram_size = no_repeat_ngram_size
-        self.session = ort.InferenceSession(search_graph(model_dir, no_repeat_ngram_size).SerializeToString(),
-                                            session_options, providers=["CPUExecutionProvider"])
+        with model_dir.readable_graphs() as graphs:  # the weights are read by ONNX Runtime alone, once
+            model = search_graph(graphs, d, no_repeat_ngram_size).SerializeToString()
+            session_options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                     str(graphs["encoder"].parent))
+            self.session = ort.InferenceSession(model, session_options, providers=["CPUExecutionProvider"])
         self.vocab_mask = np.ones(d["vocab_size"], dtype=np.int32)
         self.vocab_mask[d["pad"]] = 0  # pad is never produced
 

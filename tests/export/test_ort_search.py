@@ -74,11 +74,13 @@ def test_int8_stays_close(dirs, sentences):
 
 
 def test_graph_follows_the_contract(dirs):
-    model = search_graph(ModelDir.open(dirs["int8"]))
+    model_dir = ModelDir.open(dirs["int8"])
+    with model_dir.readable_graphs() as graphs:
+        model = search_graph(graphs, model_dir.description)
     (node,) = model.graph.node
     graphs = {a.name: a.g for a in node.attribute if a.name in ("encoder", "decoder")}
     decoder, encoder = graphs["decoder"], graphs["encoder"]
-    layers = len(ModelDir.open(dirs["int8"]).description["states"]) // 2
+    layers = len(model_dir.description["states"]) // 2
     names = lambda io, kind: [f"{io}_{kv}_{kind}_{i}" for i in range(layers) for kv in ("key", "value")]  # noqa: E731
     assert [i.name for i in encoder.input] == ["encoder_input_ids", "encoder_attention_mask"]
     assert [o.name for o in encoder.output] == names("present", "cross")
