@@ -11,8 +11,8 @@ Targets (each measured in a fresh worker process, one after the other, so that i
             (``--ct2-quantization int8,float32``) into ``<checkpoint>.ct2-<quantization>/``
 With ``--shortlist VMAP`` every onnx and ct2 target is measured a second time with that vocabulary map
 (``<name>+shortlist``: ours through export/shortlist.py, CTranslate2 with ``use_vmap``); with ``--ort-search``
-every onnx target a second time with the whole search in ONNX Runtime's BeamSearch op (``<name>+ort-search``,
-export/ort_search.py).
+every onnx target whose decoder fits it a second time with the whole search in ONNX Runtime's BeamSearch op
+(``<name>+ort-search``, export/ort_search.py; the Transformer family).
 
 Figures per target and thread count (the JSON's ``results``; times in ms, sizes in MB):
     load_s              seconds to build the translator (files read, sessions created)
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ from typing import Sequence
 
 from lite.errors import LiteError
 
+logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx", "ort", "ct2")
 TIMED = ("load_s", "latency_ms_p50", "latency_ms_p90", "greedy_ms_p50", "greedy_ms_p90", "tokens_per_s",
          "rss_libs_mb", "rss_loaded_mb", "peak_rss_batch1_mb", "peak_rss_mb")
@@ -84,6 +86,26 @@ def distinct_labels(targets: Sequence[Target]) -> list[Target]:
             break
         for i in clashing:
             out[i] = replace(targets[i], label="/".join(Path(targets[i].path).parts[-depth - 1:]))
+    return out
+
+
+def with_ort_search(targets: Sequence[Target]) -> list[Target]:
+    """Each onnx target again with its search in ONNX Runtime's BeamSearch op (export/ort_search.py), where its
+    model dir's decoder fits the op; the others are named in a warning, with the reason."""
+    from export.ort_search import refusal
+
+    out = []
+    for t in targets:
+        if t.backend != "onnx" or t.shortlist:
+            continue
+        try:
+            reason = refusal(json.loads((Path(t.path) / "model.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            reason = None  # not a readable model dir: its worker says so
+        if reason:
+            logger.warning(f"--ort-search: {t.name} left out: {reason}")
+        else:
+            out.append(replace(t, search="ort"))
     return out
 
 

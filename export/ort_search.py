@@ -44,21 +44,28 @@ def check_search_options(options: SearchOptions) -> None:
         raise OrtSearchError("--search ort: ONNX Runtime's BeamSearch has no unk penalty; use --search fairseq")
 
 
-def _layout(description: dict) -> tuple[list[str], list[str], int, int]:
-    """(state names, memory names, heads, head dim), or OrtSearchError saying why the contract does not fit."""
+def refusal(description: dict) -> str | None:
+    """Why the BeamSearch op cannot run a model dir's graphs (one line, from its model.json), or None when it can."""
     states = description["states"]
     memory = description["io"]["encoder"]["outputs"][1:]
     first = states[0] if states else {}
-    fits = (states and len(states) == len(memory) and len(states) % 2 == 0
-            and all(s["batch_axis"] == 0 for s in states)
-            and len(first["shape"]) == 4 and first["time_axis"] == 2 and first["shape"][2] == 0)
-    if not fits:
-        kinds = sorted({s["field"] or s["key"] for s in states})
-        raise OrtSearchError(
-            f"{description['arch']}: ONNX Runtime's BeamSearch takes decoders whose states are self-attention caches "
+    if (states and len(states) == len(memory) and len(states) % 2 == 0 and all(s["batch_axis"] == 0 for s in states)
+            and len(first["shape"]) == 4 and first["time_axis"] == 2 and first["shape"][2] == 0):
+        return None
+    kinds = sorted({s["field"] or s["key"] for s in states})
+    return (f"{description['arch']}: ONNX Runtime's BeamSearch takes decoders whose states are self-attention caches "
             f"paired with the cross-attention memory (the Transformer family); this one carries {len(states)} states "
             f"({', '.join(kinds)}) beside {len(memory)} memory tensors: use --search fairseq")
-    return [s["name"] for s in states], memory, first["shape"][1], first["shape"][3]
+
+
+def _layout(description: dict) -> tuple[list[str], list[str], int, int]:
+    """(state names, memory names, heads, head dim), or OrtSearchError saying why the contract does not fit."""
+    reason = refusal(description)
+    if reason:
+        raise OrtSearchError(reason)
+    states = description["states"]
+    shape = states[0]["shape"]
+    return [s["name"] for s in states], description["io"]["encoder"]["outputs"][1:], shape[1], shape[3]
 
 
 def _prune(graph, outputs: list) -> None:

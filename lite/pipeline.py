@@ -78,6 +78,7 @@ class BenchSettings:
     batch: int = 32
     ct2: bool = True  # CTranslate2 int8 on every plain-Transformer model of the run
     shortlist: dict | None = None  # {per_source, frequent}: a vocabulary map, every onnx and ct2 target again with it
+    ort_search: bool = False  # every plain-Transformer onnx target again, searched by ONNX Runtime's BeamSearch op
 
 
 @dataclass(frozen=True)
@@ -371,14 +372,18 @@ def _bench_targets(config: PipelineConfig, run_dir: Path) -> list:
         base = run_dir / name
         final = base / ("finetuned" if m.prune else "checkpoints") / "checkpoint_best.pt"
         fp32 = "pruned" if m.prune else "fp32"
-        targets += [Target("torch", str(final), label=f"{name}/{fp32}"),
-                    Target("onnx", str(base / "onnx" / fp32), label=f"{name}/{fp32}"),
-                    Target("onnx", str(base / "onnx" / "int8"), label=f"{name}/int8")]
-        if config.bench.ct2 and _family(m.overrides.get("arch") or _config_arch(m.config)) == "transformer":
+        onnx = [Target("onnx", str(base / "onnx" / fp32), label=f"{name}/{fp32}"),
+                Target("onnx", str(base / "onnx" / "int8"), label=f"{name}/int8")]
+        targets += [Target("torch", str(final), label=f"{name}/{fp32}"), *onnx]
+        transformer = _family(m.overrides.get("arch") or _config_arch(m.config)) == "transformer"
+        if config.bench.ct2 and transformer:
             targets += [Target("ct2", str(final), "float32", label=f"{name}/fp32"),  # its output vs fairseq's
                         Target("ct2", str(final), "int8", label=f"{name}/int8")]
+        if config.bench.ort_search and transformer:  # as `lite bench --ort-search`, which leaves out the others
+            targets += [replace(t, search="ort") for t in onnx]
+    plain = [t for t in targets if t.search == "fairseq"]
     if config.bench.shortlist is not None:  # as `lite bench --shortlist`
-        targets += [replace(t, shortlist=str(_shortlist_path(run_dir))) for t in targets if t.backend in ("onnx", "ct2")]
+        targets += [replace(t, shortlist=str(_shortlist_path(run_dir))) for t in plain if t.backend in ("onnx", "ct2")]
     return targets
 
 
@@ -415,7 +420,8 @@ def _bench_stage(config: PipelineConfig, run_dir: Path) -> Stage:
                    raw / f"{split}.{config.data.tgt}", *[a for f, p in dict.fromkeys((flags[t.backend], t.path) for t in targets) for a in (f, p)],
                    "--ct2-quantization", "float32,int8", "--sentences", b.sentences, "--threads",
                    ",".join(map(str, b.threads)), "--repeat", b.repeat, "--batch", b.batch, "--out", out,
-                   *(["--shortlist", _shortlist_path(run_dir)] if b.shortlist is not None else []))
+                   *(["--shortlist", _shortlist_path(run_dir)] if b.shortlist is not None else []),
+                   *(["--ort-search"] if b.ort_search else []))
 
     def run():
         document = bench(targets, read_lines(raw / f"{split}.{config.data.src}"),

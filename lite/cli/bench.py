@@ -34,7 +34,7 @@ def _run(args) -> int:
     if args.shortlist:  # each onnx and ct2 target again, with the vocabulary map
         targets += [replace(t, shortlist=args.shortlist) for t in targets if t.backend in ("onnx", "ct2")]
     if args.ort_search:  # each onnx target again, its search in ONNX Runtime's BeamSearch op
-        targets += [replace(t, search="ort") for t in targets if t.backend == "onnx" and not t.shortlist]
+        targets += library.with_ort_search(targets)
     if not targets:
         raise LiteError("nothing to measure: give --checkpoint, --model, --ort-model or --ct2")
     config = library.BenchConfig(sentences=args.sentences, threads=args.threads, repeat=args.repeat, warmup=args.warmup,
@@ -64,8 +64,9 @@ def register(sub) -> None:
     p.add_argument("--data", help="prepared data dir (default: the one each model names)")
     p.add_argument("--shortlist", help="vocabulary map (`lite data shortlist`): also measure every onnx and ct2 "
                                        "target with it")
-    p.add_argument("--ort-search", action="store_true", help="also measure every onnx target with the whole search "
-                                                              "in ONNX Runtime's BeamSearch op (Transformer family)")
+    p.add_argument("--ort-search", action="store_true", help="also measure every onnx target whose decoder fits it "
+                   "with the whole search in ONNX Runtime's BeamSearch op (the Transformer family; the others are "
+                   "named in a warning)")
     p.add_argument("--sentences", type=positive_int, default=300, help="the first N non-empty lines")
     p.add_argument("--threads", type=_threads, default=(1,), help="thread counts, e.g. 1,all (default: 1)")
     p.add_argument("--repeat", type=positive_int, default=1, help="runs per target; figures are the median")

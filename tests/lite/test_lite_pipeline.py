@@ -64,12 +64,17 @@ def test_summary_equals_an_independent_recount(run):
 def test_a_second_run_skips_everything_and_a_change_reruns_from_there(run, tmp_path):
     config, run_dir, _ = run
     assert run_pipeline(config, run_dir) == []
-    changed = _config(tmp_path, bench={"sentences": 3, "batch": 2, "shortlist": {"per_source": 3, "frequent": 10}})
+    changed = _config(tmp_path, bench={"sentences": 3, "batch": 2, "shortlist": {"per_source": 3, "frequent": 10},
+                                       "ort_search": True})
     assert run_pipeline(changed, run_dir) == ["shortlist", "bench", "summary", "report"]
     backends = json.loads((run_dir / "report" / "summary.json").read_text())["backends"]
     shortlisted = {n for n in backends if "+shortlist" in n}
-    assert len(backends) == 14 and len(shortlisted) == 6  # each onnx and ct2 target again, with the map
+    searched = {n for n in backends if "+ort-search" in n}
+    assert len(backends) == 16 and len(shortlisted) == 6  # each onnx and ct2 target again, with the map
     assert {n.replace("+shortlist", "") for n in shortlisted} < set(backends)
+    assert searched == {"onnx:transformer/fp32+ort-search@1", "onnx:transformer/int8+ort-search@1"}  # not the LSRA
+    assert all(backends[n]["latency_ms_p50"] > 0 for n in searched)
+    assert "--ort-search" in json.loads((run_dir / "bench.json").read_text())["command"]
     assert (run_dir / "shortlist.txt").read_text(encoding="utf-8").startswith("\t")
 
 
