@@ -2,14 +2,15 @@
 ``BeamSearch`` contrib op (com.microsoft, its T5 encoder-decoder contract), so no Python runs between steps.
 
 ``search_graph`` builds the op's model in memory from the dir's graphs (the dir is untouched, its hashes still
-hold), renaming to the contract and nothing else:
+hold), renamed to the contract, less what the op does itself:
     encoder   encoder_input_ids int32 [B, S], encoder_attention_mask int32 [B, S]
               -> present_{key,value}_cross_i: the dir's cross-attention memory, one pair per layer
     decoder   input_ids int32 [N, 1], encoder_attention_mask int32 [N, S], past_{key,value}_self_i (the dir's
-              states), past_{key,value}_cross_i (its memory) -> logits [N, 1, V] (the step's log-probs),
-              present_{key,value}_self_i (its next states)
-The step index is the length of the first state (a cache that grows by one a step); the op reorders the states
-between steps itself, so the step's ``order`` is the identity (its Gathers over the states are dropped).
+              states), past_{key,value}_cross_i (its memory) -> logits [N, 1, V] (the step's scores before its
+              log-softmax), present_{key,value}_self_i (its next states)
+The step index is the length of the first state (a cache that grows by one a step). The op reorders the states
+between steps, so the step's ``order`` is the identity (its Gathers over the states are dropped); it takes the
+log-softmax and chooses the candidates itself (the step's LogSoftmax and candidates subgraph are left out).
 
 What it keeps of fairseq's search (export/search.py): the target starts with eos; pad is never produced (the
 op's vocabulary mask); the top 2·beam candidates a step, an eos among the first beam of them finishes a
