@@ -21,7 +21,9 @@ from export.model_dir import StateSpec
 from lite.errors import CriterionNotMet
 
 BATCHES, SOURCE_LENGTHS, STEPS, ATOL = ((1, 1), (3, 2)), (1, 7, 33), 10, 1e-4  # batches: (sentences, beam)
-RTOL = 1e-6  # on top of ATOL, for large accumulators (linear attention's running sums reach 1e2: 16 float32 ulps)
+RTOL = 1e-6  # on top of ATOL, relative to |torch|
+STATE_RTOL = 1e-5  # the same for the decoder's next states: running sums reach 1e2 (linear attention, Performer) and
+#                    differ there by tens of float32 ulps after 10 steps of other summation orders (1 ulp = 7.6e-6)
 Run = Callable[[Dict[str, np.ndarray]], List[np.ndarray]]  # one graph: feeds -> outputs in graph order
 
 
@@ -37,7 +39,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {"cases": self.cases, "steps": self.steps, "max_abs_diff": self.max_abs_diff, "atol": ATOL,
-                "rtol": RTOL}
+                "rtol": RTOL, "state_rtol": STATE_RTOL}
 
 
 def _compare(graph: str, names: Sequence[str], expected: Sequence[torch.Tensor], actual: Sequence[np.ndarray],
@@ -56,12 +58,13 @@ def _compare(graph: str, names: Sequence[str], expected: Sequence[torch.Tensor],
             continue
         if e.size == 0:
             continue
+        rtol = STATE_RTOL if name.endswith(".next") else RTOL  # a next state: "<state>.next"
         diff = np.abs(a.astype(np.float64) - e.astype(np.float64))
-        excess = diff - (ATOL + RTOL * np.abs(e.astype(np.float64)))  # > 0: out of tolerance
+        excess = diff - (ATOL + rtol * np.abs(e.astype(np.float64)))  # > 0: out of tolerance
         index = np.unravel_index(int(np.nan_to_num(excess, nan=np.inf).argmax()), diff.shape)
         if not np.isfinite(diff[index]) or excess[index] > 0:
             raise ExportMismatch(f"{graph}: output {name!r} differs from PyTorch by {diff[index]:.3g} > {ATOL} + "
-                                 f"{RTOL} x |torch| at index {tuple(int(i) for i in index)} (onnx {a[index]!r}, torch "
+                                 f"{rtol} x |torch| at index {tuple(int(i) for i in index)} (onnx {a[index]!r}, torch "
                                  f"{e[index]!r}; {where})")
         worst = max(worst, float(diff[index]))
     return worst

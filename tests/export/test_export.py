@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,20 @@ def test_validation_reports_a_wrong_graph(tmp_path):
     with pytest.raises(ExportMismatch, match=r"decoder_step: output 'log_probs' differs from PyTorch by .* at index"):
         validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"), onnx_runner(tmp_path / "decoder_step.onnx"),
                  outputs)
+
+
+def test_next_states_are_compared_relative_to_their_size():
+    """A running sum of 116 off by 29 float32 ulps (a trained Performer's after 10 steps) passes as a next state and
+    fails as log-probs; a next state of 0.5 off by 1e-3 fails."""
+    from export.validate import _compare
+
+    torch_value = torch.tensor([[116.040276, 0.5]])
+    onnx_value = np.array([[116.040054, 0.5]], dtype=np.float32)
+    _compare("decoder_step", ["state.layers.5.mixer.kv.next"], [torch_value], [onnx_value], "a case")
+    with pytest.raises(ExportMismatch, match="'log_probs' differs from PyTorch by 0.000221"):
+        _compare("decoder_step", ["log_probs"], [torch_value], [onnx_value], "a case")
+    with pytest.raises(ExportMismatch, match="'state.kv.next' differs"):
+        _compare("decoder_step", ["state.kv.next"], [torch_value], [onnx_value - 1e-3], "a case")
 
 
 def test_a_graph_failing_the_checker_is_refused(tmp_path):
