@@ -176,8 +176,8 @@ class Translator:
         external = self.dir.external_weights() if format == "onnx" else {}  # sparse weights, expanded here
         if external:
             names = list(external)
-            session_options.add_external_initializers_from_files_in_memory(names, [external[n] for n in names],
-                                                                    [external[n].nbytes for n in names])
+            session_options.add_external_initializers_from_files_in_memory(
+                names, [external[n] for n in names], [external[n].nbytes for n in names])
         self.shortlist = self._shortlist(shortlist, format) if shortlist is not None else None
         graphs = {g: str(self.dir.graph(g, format)) for g in GRAPHS}
         if self.shortlist is not None:
