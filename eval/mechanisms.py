@@ -8,7 +8,9 @@ Every mixer in ``lite.modules.MIXERS`` needs its row here (tests/eval/test_mecha
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +21,7 @@ from eval.macs_table import millions
 from lite.models.factory import build_arch
 from lite.modules import CAUSAL_MIXERS
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Mechanism:
@@ -91,9 +94,15 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
     return figures
 
 
+@lru_cache(maxsize=None)
+def preset_macs(preset: str) -> int:
+    return paper_macs(build_arch(preset, VOCAB_SIZE)).total
+
+
 def bench_latencies(bench_json: str | Path) -> dict[str, float]:
     """{arch: latency_ms_p50} of a ``lite bench`` run's int8 ONNX model dirs at 1 thread, with our search (the arch
-    from each dir's model.json; a target that failed gives none)."""
+    from each dir's model.json; a target that failed gives none). A dir whose MACs are not its preset's (pruned,
+    or trained with other widths) is left out with a warning: its latency is not the preset's."""
     bench = json.loads(Path(bench_json).read_text(encoding="utf-8"))
     targets = [Target(**t) for t in bench["targets"]]
     paths = {t.name: t.path for t in targets if t.backend == "onnx" and not t.shortlist and t.search == "fairseq"}
@@ -108,7 +117,14 @@ def bench_latencies(bench_json: str | Path) -> dict[str, float]:
         description = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
         if not description.get("quantization"):
             continue  # fp32
-        arch = description["arch"]
+        arch, macs = description["arch"], description.get("macs")
+        if macs is None:
+            raise MacsError(f"{model_dir}: its model.json does not record the model's MACs (exported by an earlier "
+                            "version): export and quantize it again to tell whether it is its preset")
+        if macs != preset_macs(arch):
+            logger.warning(f"{model_dir}: {millions(macs)} MACs, not {arch}'s {millions(preset_macs(arch))} "
+                           "(pruned?): left out of the table")
+            continue
         if arch in seen:
             raise MacsError(f"{bench_json}: two int8 models of {arch} ({seen[arch]}, {model_dir}); "
                             "bench one per preset")
@@ -127,7 +143,7 @@ def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path |
     for m in MECHANISMS:
         decoder = "yes" if m.mixer in CAUSAL_MIXERS else f"no: {m.no_decoder} (its preset's decoder: attention)"
         for preset in m.presets or ("",):
-            macs = millions(paper_macs(build_arch(preset, VOCAB_SIZE)).total) if preset else "–"
+            macs = millions(preset_macs(preset)) if preset else "–"
             found = figures.get(preset, {})
             bleu, latency = found.get("bleu"), found.get("latency_ms")
             bleu, latency = "–" if bleu is None else f"{bleu:.2f}", "–" if latency is None else f"{latency:.1f}"

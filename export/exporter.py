@@ -4,7 +4,8 @@
     DIR/*.ort                                 with --ort: the same graphs in ORT format (ONNX Runtime Mobile)
     DIR/spm.model, DIR/vocab.txt              sentencepiece model; the dictionary, one symbol per line by index
     DIR/model.json                            what the runtime needs: special ids, limits, the decoder states,
-                                              the validation report and the sha256 of every file
+                                              the validation report and the sha256 of every file; and the
+                                              model's MACs (the paper's protocol: a pruned model has fewer)
 
 The TorchScript exporter (``dynamo=False``) traces the modules as written (our convolutions build their
 windows with pad + slices), but for fairseq's attention in the decoder step: one ONNX Runtime MultiHeadAttention
@@ -137,6 +138,7 @@ def slim_graphs(out: Path) -> None:
 def export(checkpoint: str | Path, out: str | Path, data: str | Path | None = None, slim: bool = False,
            ort: bool = False, force: bool = False) -> Path:
     """Export, validate and write the model dir atomically (a temp dir beside ``out``, renamed at the end)."""
+    from eval.macs import paper_macs
     from lite.checkpoint import load_model
     from lite.data import SPM_MODEL
 
@@ -168,7 +170,8 @@ def export(checkpoint: str | Path, out: str | Path, data: str | Path | None = No
             "data": str(data_dir.resolve()), "src": task.cfg.source_lang, "tgt": task.cfg.target_lang,
             "bos": dictionary.bos(), "pad": dictionary.pad(), "eos": dictionary.eos(), "unk": dictionary.unk(),
             "vocab_size": len(dictionary), "max_source_positions": model.encoder.max_positions(),
-            "max_target_positions": model.decoder.max_positions(), **description, "slim": slim, "validation": reports,
+            "max_target_positions": model.decoder.max_positions(), "macs": paper_macs(model).total, **description,
+            "slim": slim, "validation": reports,
         }
         write_description(staging, description)
     logger.info(f"exported {checkpoint} to {out} (max |onnx - torch| = {reports['onnx']['max_abs_diff']:.2e})")

@@ -3,7 +3,8 @@ the preset, and the CLI."""
 import json
 
 from eval.macs import paper_macs
-from eval.mechanisms import MECHANISMS, run_figures
+from eval.macs_table import millions
+from eval.mechanisms import MECHANISMS, preset_macs, run_figures
 from lite.models.factory import build_arch
 from lite.modules import CAUSAL_MIXERS, MIXERS
 from tests.conftest import LITE, run
@@ -62,11 +63,17 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     assert f"from `{first}`, `{second.parent}`" in out.stdout
 
 
-def _bench(tmp_path, models: dict[str, tuple[str, dict | None]], results: list[tuple[str, int, float, str | None]]):
-    """A ``lite bench`` output over model dirs {name: (arch, quantization)}; results (name, threads, p50, error)."""
+def _bench(tmp_path, models: dict[str, tuple[str, dict | None]], results: list[tuple[str, int, float, str | None]],
+           macs: dict[str, int | None] | None = None):
+    """A ``lite bench`` output over model dirs {name: (arch, quantization)} with their preset's MACs unless ``macs``
+    says otherwise (None: not recorded); results (name, threads, p50, error)."""
     for name, (arch, quantization) in models.items():
         (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "model.json").write_text(json.dumps({"arch": arch, "quantization": quantization}))
+        description = {"arch": arch, "quantization": quantization, "macs": preset_macs(arch)}
+        if name in (macs or {}):
+            description["macs"] = macs[name]
+        (tmp_path / name / "model.json").write_text(json.dumps({k: v for k, v in description.items()
+                                                                 if v is not None}))
     targets = [{"backend": "onnx", "path": str(tmp_path / name), "quantization": None, "data": None, "label": None,
                 "shortlist": None} for name in models]
     path = tmp_path / "bench.json"
@@ -100,6 +107,22 @@ def test_bench_with_two_int8_models_of_one_preset_is_refused(tmp_path):
                    [("a", 1, 1.0, None), ("b", 1, 2.0, None)])
     refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert refused.returncode == 2 and "two int8 models of local_100m" in refused.stderr
+
+
+def test_bench_leaves_out_a_pruned_dir_and_refuses_one_without_macs(tmp_path):
+    """A dir with fewer MACs than its preset (pruned) is not the preset: warned of and left out, so it is not a
+    second model of it either; a model.json without MACs cannot be told: one line."""
+    bench = _bench(tmp_path / "a", {"local8": ("local_100m", {"method": "ort-dynamic"}),
+                                    "pruned8": ("local_100m", {"method": "ort-dynamic"})},
+                   [("local8", 1, 12.0, None), ("pruned8", 1, 5.0, None)], macs={"pruned8": 80_000_000})
+    out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | 12.0 |")
+    assert f"pruned8: 80.0M MACs, not local_100m's {millions(preset_macs('local_100m'))}" in out.stderr
+    bench = _bench(tmp_path / "b", {"old8": ("local_100m", {"method": "ort-dynamic"})}, [("old8", 1, 1.0, None)],
+                   macs={"old8": None})
+    refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
+    assert refused.returncode == 2 and "does not record the model's MACs" in refused.stderr
 
 
 def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):

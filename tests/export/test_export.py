@@ -16,6 +16,8 @@ from export.runtime import Translator
 from export.search import SearchOptions
 from export.validate import ExportMismatch, onnx_runner, validate
 from eval.evaluate import evaluate
+from eval.macs import paper_macs
+from lite.checkpoint import load_model
 from lite.files import OutputError
 from lite.modules import MIXERS
 from lite.torch_translator import TorchTranslator
@@ -159,11 +161,12 @@ def exported(trained, tmp_path_factory):
 
 
 def test_model_dir_is_self_contained_and_described(exported):
-    _, model_dir = exported
+    checkpoint, model_dir = exported
     description = json.loads((model_dir / "model.json").read_text())
     assert set(description["files"]) >= {"encoder.onnx", "decoder_step.onnx", "spm.model", "vocab.txt"}
     assert any(name.startswith("ort/") for name in description["files"])
     assert set(description["validation"]) == {"onnx", "ort"}
+    assert description["macs"] == paper_macs(load_model(checkpoint)[0]).total
 
 
 def test_onnx_translator_matches_fairseq_generate(workdir, exported):
