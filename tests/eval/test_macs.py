@@ -53,7 +53,7 @@ def _mixer(args, side: str, queries: int, keys: int, kernel: int, step: bool = F
     E K and F V, k C a frame each; q K'^T and the weights times V', k C a frame each."""
     dim, mixer = getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_mixer")
     if mixer in ("linear", "performer"):
-        return _linear(args, side, queries)
+        return _linear(args, side, queries, causal_pass=side == "decoder" and not step)
     if mixer == "local":
         return _local(args, side, queries, step)
     if mixer.startswith("synthesizer_"):
@@ -126,19 +126,24 @@ def _fastformer(args, side: str, length: int) -> int:
     return length * 3 * c * c + 2 * length * c * heads + 2 * pool + length * c * c
 
 
-def _linear(args, side: str, frames: int) -> int:
+def _linear(args, side: str, frames: int, causal_pass: bool) -> int:
     """Linear attention on ``frames`` frames (C channels, H heads of D, M features a head): q, k, v and out, 4 C^2 a
-    frame; per head a frame adds phi(k) v^T to S (M D) and reads phi(q) S (M D) and phi(q) . z (M): 2 C M + H M a
-    frame, whether the frames are a whole sentence (encoder: one S; decoder: prefix sums) or one decoding step.
-    elu + 1 has M = D; FAVOR+ makes M features of q and of k (x W^T: D M a head each) and their |x|^2 (D a head
-    each): 2 C M + 2 C more."""
+    frame. The encoder, and one decoding step: per head a frame adds phi(k) v^T to S (M D) and reads phi(q) S (M D)
+    and phi(q) . z (M): 2 C M + H M a frame. The decoder's full causal pass, in N blocks of L = min(64, T) frames
+    (the last padded), per head: phi(q) phi(k)^T and the weights times v within each block, N L^2 (M + D); with
+    N > 1, phi(k) v^T of the N - 1 blocks before the last (M D a frame of them) and phi(q) S, phi(q) . z for every
+    padded frame, N L (M D + M). elu + 1 has M = D; FAVOR+ makes M features of q and of k (x W^T: D M a head each)
+    and their |x|^2 (D a head each): 2 C M + 2 C more."""
     c = getattr(args, f"{side}_embed_dim")
     heads = args.mixer_attention_heads or getattr(args, f"{side}_attention_heads")
     d = c // heads
-    if getattr(args, f"{side}_mixer") == "linear":
-        return frames * (4 * c * c + 2 * c * d + c)
-    m = args.performer_features or round(d * math.log(d))
-    return frames * (4 * c * c + 2 * c * m + heads * m + 2 * c * m + 2 * c)
+    m = d if getattr(args, f"{side}_mixer") == "linear" else args.performer_features or round(d * math.log(d))
+    favor = 0 if getattr(args, f"{side}_mixer") == "linear" else frames * (2 * c * m + 2 * c)
+    if not causal_pass:
+        return frames * (4 * c * c + 2 * c * m + heads * m) + favor
+    blocks, size = -(-frames // 64), min(64, frames)
+    sums = heads * ((blocks - 1) * size * m * d + blocks * size * (m * d + m)) if blocks > 1 else 0
+    return frames * 4 * c * c + heads * blocks * size * size * (m + d) + sums + favor
 
 
 def _local(args, side: str, frames: int, step: bool) -> int:
@@ -381,7 +386,7 @@ def _flop_counter_macs(module, inputs) -> int:
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_flop_counter_agrees_but_for_dynamic_conv_taps_and_outer_products(arch):
+def test_flop_counter_agrees_but_for_dynamic_conv_taps_and_favor_norms(arch):
     model, src_len, tgt_len = tiny_model(arch), 7, 5
     source, target = torch.randn(src_len, 1, 16), torch.randn(tgt_len, 1, 16)
     mask = torch.zeros(1, src_len, dtype=torch.bool)
@@ -391,13 +396,9 @@ def test_flop_counter_agrees_but_for_dynamic_conv_taps_and_outer_products(arch):
     dynamic = args.encoder_mixer == "lsra" and args.conv_type == "dynamic"
     taps = (conv * src_len * sum(_kernels(args, "encoder")), conv * tgt_len * sum(_kernels(args, "decoder"))) \
         if dynamic else (0, 0)
-    if args.decoder_mixer in ("linear", "performer"):  # the prefix sums' outer products phi(k) v^T (one MAC each,
-        # accumulated by the cumsum): torch lowers an einsum without a contracted index to a broadcast mul, which
-        # FlopCounterMode misses; so are FAVOR+'s |x|^2 of q and k (a mul + sum: 2 C a frame)
-        d = 16 // args.mixer_attention_heads
-        m = d if args.decoder_mixer == "linear" else round(d * math.log(d))
-        norms = 2 * 16 if args.decoder_mixer == "performer" else 0
-        taps = (args.encoder_layers * src_len * norms, args.decoder_layers * tgt_len * (16 * m + norms))
+    if args.decoder_mixer == "performer":  # FAVOR+'s |x|^2 of q and k: a mul + sum (2 C a frame), which
+        # FlopCounterMode misses
+        taps = (args.encoder_layers * src_len * 2 * 16, args.decoder_layers * tgt_len * 2 * 16)
     for stack, inputs, missed in [(macs.EncoderLayers(model.encoder), (source, mask), taps[0]),
                                   (macs.DecoderLayers(model.decoder), (target, source, mask), taps[1])]:
         assert macs.count_macs(stack, inputs) - _flop_counter_macs(stack, inputs) == missed

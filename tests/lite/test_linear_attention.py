@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lite.modules import MixerSpec
-from lite.modules.linear_attention import STATE_NAMES, LinearAttention, feature_map, linear_attention_from_spec
+from lite.modules.linear_attention import (STATE_NAMES, LinearAttention, causal_sums, feature_map,
+                                          linear_attention_from_spec)
 from lite.modules.performer import FavorFeatures, default_features, orthogonal_gaussian, performer_from_spec
 from tests.conftest import assert_close, left_padding
 
@@ -35,6 +36,25 @@ def test_fast_path_matches_reference(causal, kind):
     x = torch.randn(33, 2, 16)  # [T, B, C]
     assert_close(unit(x), unit.reference_forward(x))
     mask = left_padding(2, 33, pads=6)
+    assert_close(unit(x, mask), unit.reference_forward(x, mask))
+
+
+@pytest.mark.parametrize("block", [1, 4, 8, 37, 64])
+def test_blocks_give_the_prefix_sums(block):
+    """The blocked causal pass equals S_i, z_i as prefix sums frame by frame, whatever the block (37 frames: blocks
+    of 1, whole blocks and a padded last one, one block, one block larger than the sentence)."""
+    q, k = torch.rand(2, 37, 3, 5, dtype=torch.float64), torch.rand(2, 37, 3, 5, dtype=torch.float64)
+    v = torch.randn(2, 37, 3, 4, dtype=torch.float64)
+    prefix_kv = torch.einsum("bthm,bthd->bthmd", k, v).cumsum(1)  # [B, T, H, M, D]
+    out, norm = causal_sums(q, k, v, block)
+    assert_close(out, torch.einsum("bthm,bthmd->bthd", q, prefix_kv), atol=1e-12, rtol=0)
+    assert_close(norm, torch.einsum("bthm,bthm->bth", q, k.cumsum(1)), atol=1e-12, rtol=0)
+
+
+def test_blocked_causal_pass_matches_reference(kind):
+    unit = make_unit(True, kind)
+    unit.block = 4  # 9 blocks, the last padded
+    x, mask = torch.randn(33, 2, 16), left_padding(2, 33, pads=6)
     assert_close(unit(x, mask), unit.reference_forward(x, mask))
 
 
