@@ -11,7 +11,9 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # then the packages it imports (transformers: onnx_model.py imports it at the top)
 INC := onnx-neural-compressor==1.0
 INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
-TEST_DEPS := pytest hypothesis pytest-xdist filelock
+# maintained implementations of survey mechanisms, compared with ours in the tests only
+REFERENCE_PACKAGES := performer-pytorch==1.1.4 linformer==0.2.3 isab-pytorch==0.3.0 memory-compressed-attention==0.0.7
+TEST_DEPS := pytest hypothesis pytest-xdist filelock $(REFERENCE_PACKAGES)
 # test processes: each file on one worker (its module fixtures built once), the tiny trainings spread (tests/conftest.py)
 TEST_WORKERS ?= 2
 DEMO := runs/embedded

@@ -11,6 +11,8 @@ setup(
     install_requires=["sentencepiece", "sacrebleu", "pyyaml", "numpy", "tqdm", "torchprofile", "torch-pruning",
                       "onnx>=1.16", "onnxruntime>=1.20", "onnxslim", "ctranslate2>=4.7",
                       "matplotlib"],
-    extras_require={"test": ["pytest", "hypothesis"]},  # the Makefile installs these as TEST_DEPS
+    # the Makefile installs these as TEST_DEPS; the last four are compared with our mechanisms in the tests
+    extras_require={"test": ["pytest", "hypothesis", "performer-pytorch==1.1.4", "linformer==0.2.3",
+                             "isab-pytorch==0.3.0", "memory-compressed-attention==0.0.7"]},
     entry_points={"console_scripts": ["lite = lite.cli:main"]},
 )

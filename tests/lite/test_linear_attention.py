@@ -1,10 +1,13 @@
 """Linear attention, with the Linear Transformer's elu + 1 features and with Performer's FAVOR+ random features: fast
 path (S, z sums / prefix sums) vs the attention-form reference, stepping (an RNN of constant state) vs the full causal
-pass, beams, padding; the textbook formula; FAVOR+ estimates the softmax kernel and approximates softmax attention."""
+pass, beams, padding; the textbook formula; FAVOR+ estimates the softmax kernel and approximates softmax attention;
+FAVOR+ against performer-pytorch."""
 import pytest
 import torch
+from performer_pytorch.performer_pytorch import causal_linear_attention_noncuda, linear_attention, softmax_kernel
 
 from lite.modules import MixerSpec
+from lite.modules import linear_attention as linear_attention_module
 from lite.modules.linear_attention import (STATE_NAMES, LinearAttention, causal_sums, feature_map,
                                           linear_attention_from_spec)
 from lite.modules.performer import FavorFeatures, default_features, orthogonal_gaussian, performer_from_spec
@@ -197,6 +200,40 @@ def test_performer_approximates_softmax_attention(causal):
     def error(unit):
         return ((unit(x) - expected).norm() / expected.norm()).item()
     assert error(performer) < 0.05 and error(linear) > 0.1  # measured: 0.009 / 0.005 and 0.31 / 0.16
+
+
+def test_favor_features_match_performer_pytorch():
+    """Our phi is performer-pytorch's ``softmax_kernel`` with the same projection, but for its eps = 1e-4 added to
+    every feature (0 here) and its stabilizers, factors that cancel in the attention: a query's features are divided
+    by exp(max W x') there, by exp(max (W x' - |x'|^2 / 2)) here (a factor exp(|x'|^2 / 2) apart); the keys' by
+    exp(max W k') over all keys of the sentence there (which looks ahead in the causal form), not at all here."""
+    favor = FavorFeatures(8, 17)
+    x = torch.randn(2, 3, 11, 8, dtype=torch.float64)  # [B, H, T, D]
+    scaled = x * 8 ** -0.25
+    logits = torch.matmul(scaled, favor.projection.t().double())  # W x' [B, H, T, M]
+    half_norm = torch.exp(-0.5 * (scaled * scaled).sum(-1, keepdim=True))  # exp(-|x'|^2 / 2) [B, H, T, 1]
+    theirs_q = softmax_kernel(x, projection_matrix=favor.projection.double(), is_query=True, eps=0.0)
+    assert_close(favor.double()(x, True) * half_norm, theirs_q, atol=1e-12, rtol=1e-12)
+    key_max = torch.exp(-logits.amax(dim=(-1, -2), keepdim=True))  # [B, H, 1, 1]
+    theirs_k = softmax_kernel(x, projection_matrix=favor.projection.double(), is_query=False, eps=0.0)
+    assert_close(favor(x, False) * key_max, theirs_k, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_matches_performer_pytorch_attention(causal, monkeypatch):
+    """On our features, performer-pytorch's ``linear_attention`` / ``causal_linear_attention_noncuda`` (prefix sums
+    in chunks) give our encoder / blocked causal outputs; both denominators without their eps (the package adds its
+    eps to every feature sum, we add ours to the product)."""
+    monkeypatch.setattr(linear_attention_module, "EPS", 0.0)
+    unit = make_unit(causal, "performer").double()
+    unit.block = 4  # several blocks of ours beside the package's chunks
+    x = torch.randn(19, 2, 16, dtype=torch.float64)  # [T, B, C]
+    q, k, v = (t.view(2, 19, 2, 8) for t in unit.qkv(x.transpose(0, 1)).chunk(3, dim=-1))  # [B, T, H, D]
+    phi_q, phi_k = (unit.features(t, is_query).transpose(1, 2) for t, is_query in ((q, True), (k, False)))
+    v = v.transpose(1, 2)  # [B, H, T, D]
+    heads = causal_linear_attention_noncuda(phi_q, phi_k, v, eps=0.0) if causal else linear_attention(phi_q, phi_k, v)
+    expected = unit.out_proj(heads.transpose(1, 2).flatten(2)).transpose(0, 1)  # [T, B, C]
+    assert_close(unit(x), expected, atol=1e-10, rtol=1e-10)
 
 
 def test_query_stabilizer_cancels_and_keys_stay_finite():
