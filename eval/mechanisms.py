@@ -1,7 +1,8 @@
 """The README's table of token mixers side by side (``lite macs --mechanisms [--run-dir runs/multi30k_100m ...]
-[--bench bench.json]``): paper, where each can serve, what a decoding step keeps, MACs at its 100M preset and, from
-pipeline runs, the preset's BLEU (fp32, the run's test split) and its int8 ONNX latency at 1 thread (batch 1, beam 4,
-p50) — or, with ``--bench``, every latency from that one ``lite bench`` run, so that they compare with each other.
+[--eval EVAL.json ...] [--bench bench.json]``): paper, where each can serve, what a decoding step keeps, MACs at its
+100M preset and, from pipeline runs (or a checkpoint's ``lite eval``), the preset's BLEU (fp32, the run's test split)
+and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50) — or, with ``--bench``, every latency from that one
+``lite bench`` run, so that they compare with each other.
 
 Every mixer in ``lite.modules.MIXERS`` needs its row here (tests/eval/test_mechanisms.py checks).
 """
@@ -99,6 +100,30 @@ def preset_macs(preset: str) -> int:
     return paper_macs(build_arch(preset, VOCAB_SIZE)).total
 
 
+def eval_figures(eval_jsons: Sequence[str | Path]) -> dict[str, dict]:
+    """{arch: {"bleu"}} from ``lite eval --checkpoint`` results, by the checkpoint's arch; one whose MACs are not its
+    preset's (pruned, or trained with other widths) is left out with a warning. The last one given wins."""
+    from lite.checkpoint import load_model
+
+    figures = {}
+    for path in eval_jsons:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+        if result.get("backend") != "torch":
+            raise MacsError(f"{path}: a {result.get('backend')} result; --eval takes a checkpoint's (fp32) "
+                            "`lite eval --checkpoint` result")
+        if not Path(result["checkpoint"]).is_file():
+            raise MacsError(f"{path}: its checkpoint {result['checkpoint']} is gone (moved or deleted?): its preset "
+                            "cannot be told")
+        model, _ = load_model(result["checkpoint"])
+        arch, macs = model.args.arch, paper_macs(model).total
+        if macs != preset_macs(arch):
+            logger.warning(f"{path}: {millions(macs)} MACs, not {arch}'s {millions(preset_macs(arch))} (pruned?): "
+                           "left out of the table")
+            continue
+        figures[arch] = {"bleu": result["bleu"], "latency_ms": None}
+    return figures
+
+
 def bench_latencies(bench_json: str | Path) -> dict[str, float]:
     """{arch: latency_ms_p50} of a ``lite bench`` run's int8 ONNX model dirs at 1 thread, with our search (the arch
     from each dir's model.json; a target that failed gives none). A dir whose MACs are not its preset's (pruned,
@@ -132,8 +157,9 @@ def bench_latencies(bench_json: str | Path) -> dict[str, float]:
     return latencies
 
 
-def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path | None = None) -> str:
-    figures = run_figures(run_dirs)
+def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path | None = None,
+                   eval_jsons: Sequence[str | Path] = ()) -> str:
+    figures = {**run_figures(run_dirs), **eval_figures(eval_jsons)}
     if bench_json is not None:  # every latency from this one run
         latencies = bench_latencies(bench_json)
         figures = {arch: {**figures.get(arch, {}), "latency_ms": latencies.get(arch)}
@@ -151,6 +177,8 @@ def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path |
                         f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | {bleu} | {latency} |")
     runs = ", ".join(f"`{d}`" for d in run_dirs)
     source = f" BLEU{'' if bench_json else ' and latency'} from {runs} (`lite pipeline`)." if run_dirs else ""
+    if eval_jsons:
+        source += f" BLEU from {', '.join(f'`{e}`' for e in eval_jsons)} (`lite eval --checkpoint`)."
     if bench_json is not None:
         source += f" Latency from `{bench_json}` (one `lite bench` run)."
     note = ("\nMACs: the paper's protocol (`lite macs`). BLEU: fp32, the pipeline's test split, beam 4; latency: "

@@ -7,7 +7,7 @@ from eval.macs_table import millions
 from eval.mechanisms import MECHANISMS, preset_macs, run_figures
 from lite.models.factory import build_arch
 from lite.modules import CAUSAL_MIXERS, MIXERS
-from tests.conftest import LITE, run
+from tests.conftest import LITE, ROOT, run
 
 
 def test_every_registered_mixer_has_a_row():
@@ -142,6 +142,32 @@ def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):
     assert len(refused.stderr.strip().split("\n")) == 1
 
 
+def test_eval_gives_a_checkpoints_bleu_to_its_preset(workdir, trained_transformer, tmp_path):
+    """--eval: a ``lite eval --checkpoint`` result's BLEU goes to the checkpoint's preset (here local_100m after one
+    update); a checkpoint whose MACs are not its arch's preset (the tiny Transformer: transformer_d128 at embed 32)
+    is left out with a warning; an ONNX result is refused."""
+    from lite.train import load_config, train
+
+    config = load_config(ROOT / "configs/models/local/100m.yaml",
+                         [f"data={workdir / 'data'}", f"save_dir={tmp_path / 'local'}", "max_update=1"])
+    assert train(config) == 0
+    results = {"local": (tmp_path / "local" / "checkpoint_best.pt", "torch", 12.345),
+               "tiny": (trained_transformer, "torch", 20.0), "onnx": (trained_transformer, "onnx", 1.0)}
+    for name, (checkpoint, backend, bleu) in results.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "backend": backend,
+                                                           "bleu": bleu}))
+    out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")),
+               "--eval", str(tmp_path / "local.json"), "--eval", str(tmp_path / "tiny.json")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
+    assert rows["`local_100m`"].endswith("| 12.35 | – |")  # the eval's, after the run's 31.25
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # the run's
+    assert "MACs, not transformer_d128's 86.7M (pruned?): left out" in out.stderr
+    assert f"BLEU from `{tmp_path / 'local.json'}`" in out.stdout
+    refused = run([*LITE, "macs", "--mechanisms", "--eval", str(tmp_path / "onnx.json")])
+    assert refused.returncode == 2 and "--eval takes a checkpoint's (fp32)" in refused.stderr
+
+
 def test_run_dir_needs_mechanisms(tmp_path):
     refused = run([*LITE, "macs", "--arch", "local_100m", "--run-dir", str(tmp_path)])
-    assert refused.returncode == 2 and "--run-dir and --bench go with --mechanisms" in refused.stderr
+    assert refused.returncode == 2 and "--run-dir, --eval and --bench go with --mechanisms" in refused.stderr

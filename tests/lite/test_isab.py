@@ -1,9 +1,10 @@
 """ISAB (induced set attention): fast path (m learned inducing points against the frames, the frames against the m
-summaries) vs the one-query-one-head-at-a-time reference and vs torch's own multi-head attention, padding, no
-positions (a permutation of the frames permutes the outputs), every frame reaching every output, the option's checks,
-and no decoder use (no causal form)."""
+summaries) vs the one-query-one-head-at-a-time reference, vs torch's own multi-head attention and vs isab-pytorch's
+attention blocks, padding, no positions (a permutation of the frames permutes the outputs), every frame reaching every
+output, the option's checks, and no decoder use (no causal form)."""
 import pytest
 import torch
+from isab_pytorch import ISAB
 from torch import nn
 
 from lite.modules import CAUSAL_MIXERS, MIXERS, MixerSpec
@@ -71,6 +72,38 @@ def test_matches_torch_multihead_attention():
         summary = unit.induce_norm(queries + first(queries, x, x, key_padding_mask=mask)[0])  # [m, B, C]
         want = second(x, summary, summary)[0].masked_fill(mask.t().unsqueeze(-1), 0.0)  # [T, B, C]
     assert_close(unit(x, mask), want)
+
+
+def test_matches_the_isab_package():
+    """isab-pytorch's ISAB (lucidrains), its two attention blocks called one at a time on our weights. What differs,
+    and how it is bridged: its head dim is fixed at 64 (ISAB passes no dim_head), so C = 128 with 2 heads. Its
+    projections have no biases: our key biases cancel (a softmax ignores a shift of its row), our value biases pass
+    through (the weights sum to one) and are added after, and the queries come already projected (to_q the identity:
+    Q_I as its latents, X W_q2 + b_q2 into the second block). Its first block ends in an output projection, with no
+    residual or LayerNorm, where ours adds Q_I and normalizes (as the authors' implementation): no weights express
+    that, so its to_out is the identity there and our residual and LayerNorm go between the blocks, which its
+    ISAB.forward cannot do. Its mask is True at real frames, and it leaves the outputs at pads as they come. In
+    float64: outputs reach ~95 here, where float32 rounding alone (ours against our reference too) exceeds 1e-5."""
+    unit, c = make_unit(embed_dim=128, heads=2).double(), 128
+    theirs = ISAB(dim=c, heads=2, num_latents=POINTS).double().eval()
+    x = 0.05 * torch.randn(9, 2, c, dtype=torch.float64)  # [T, B, C], small: logits of std ~ 1.7, not saturated
+    mask = left_padding(2, 9, pads=3)
+    w_q2, w_k1, w_v1 = unit.frame_proj.weight.split(c)
+    b_q2, _, b_v1 = unit.frame_proj.bias.split(c)
+    with torch.no_grad():
+        theirs.latents.copy_(unit.induce_query(unit.inducing))  # Q_I [m, C]
+        theirs.attn1.to_q.weight.copy_(torch.eye(c))
+        theirs.attn1.to_kv.weight.copy_(torch.cat([w_k1, w_v1]))
+        theirs.attn1.to_out.weight.copy_(torch.eye(c))
+        theirs.attn2.to_q.weight.copy_(torch.eye(c))
+        theirs.attn2.to_kv.weight.copy_(unit.summary_proj.weight)  # W_k2, W_v2
+        theirs.attn2.to_out.weight.copy_(unit.out_proj.weight)
+        frames = x.transpose(0, 1)  # [B, T, C]
+        latents = theirs.latents.expand(2, -1, -1)  # [B, m, C]
+        summary = unit.induce_norm(latents + theirs.attn1(latents, frames, mask=~mask) + b_v1)  # H [B, m, C]
+        b_v2 = unit.summary_proj.bias[c:]
+        out = theirs.attn2(frames @ w_q2.t() + b_q2, summary) + unit.out_proj(b_v2)  # [B, T, C]
+    assert_close(unit(x, mask), out.masked_fill(mask.unsqueeze(-1), 0.0).transpose(0, 1))
 
 
 def test_one_inducing_point_gives_every_frame_the_same_output():

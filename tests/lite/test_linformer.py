@@ -1,7 +1,10 @@
 """Linformer attention: fast path (E K, F V as matmuls) vs the per-sentence sums of the paper's formula, padding and
-left padding, the maximum length, and the refusal to serve in a decoder (no causal form)."""
+left padding, the maximum length, the refusal to serve in a decoder (no causal form), and linformer's
+``LinformerSelfAttention``."""
 import pytest
 import torch
+import torch.nn.functional as F
+from linformer import LinformerSelfAttention
 
 from lite.modules import MixerSpec
 from lite.modules.linformer import Linformer, linformer_from_spec
@@ -45,6 +48,34 @@ def test_reference_is_the_textbook_formula():
     x = torch.tensor([a, b]).view(2, 1, 1)
     assert_close(unit.reference_forward(x), torch.stack(rows).view(2, 1, 1))
     assert_close(unit(x), torch.stack(rows).view(2, 1, 1))
+
+
+@pytest.mark.parametrize("length", [1, 7, 40])
+def test_matches_the_linformer_package(length):
+    """Our output at a sentence's real frames is linformer's ``LinformerSelfAttention`` (lucidrains) on that sentence
+    alone: the package has no padding mask, and ours counts positions from the first real token, so a left-padded
+    sentence projects as alone. Its E, F are our proj_key, proj_value transposed ([N, k], sliced to the first T rows
+    alike). Its q, k, v projections have no bias: its input gets H more channels, (1, 0), and the weight column of
+    the 1 holds our biases (H, not 1, so that the width stays divisible by the heads; dim_head keeps D); its output's
+    extra channels are dropped."""
+    unit = make_unit()
+    theirs = LinformerSelfAttention(16 + 2, 40, k=5, heads=2, dim_head=8).eval()
+    with torch.no_grad():
+        for linear, weight, bias in zip((theirs.to_q, theirs.to_k, theirs.to_v), unit.qkv.weight.chunk(3),
+                                        unit.qkv.bias.chunk(3)):
+            linear.weight.copy_(F.pad(torch.cat([weight, bias.unsqueeze(1)], dim=1), (0, 1)))  # [C, C + H]
+        theirs.proj_k.copy_(unit.proj_key.t())  # [N, k]
+        theirs.proj_v.copy_(unit.proj_value.t())
+        theirs.to_out.weight[:16].copy_(unit.out_proj.weight)  # [C + H, C]: the first C outputs are ours
+        theirs.to_out.bias[:16].copy_(unit.out_proj.bias)
+    x = torch.randn(length, 2, 16)  # [T, B, C]
+    mask = left_padding(2, length, pads=min(5, length - 1))
+    ours = unit(x, mask)
+    for b in range(2):
+        sentence = x[~mask[b], b]  # [T_b, C]
+        constant = F.pad(torch.ones(len(sentence), 1), (0, 1))  # [T_b, H]: (1, 0)
+        expected = theirs(torch.cat([sentence, constant], dim=1).unsqueeze(0))[0, :, :16]  # [T_b, C]
+        assert_close(ours[~mask[b], b], expected)
 
 
 def test_every_query_sees_every_frame():

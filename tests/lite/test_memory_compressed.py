@@ -1,14 +1,18 @@
 """Memory-compressed attention: fast path (keys and values through a strided Conv1d) vs the per-sentence, tap-by-tap
 sums of the paper's formula, padding and left padding (windows counted from the first real token), and the refusal to
-serve in a decoder (no causal form here)."""
+serve in a decoder (no causal form here), and memory-compressed-attention's ``MemoryCompressedAttention``."""
 import pytest
 import torch
+import torch.nn.functional as F
+from memory_compressed_attention import MemoryCompressedAttention as PackageAttention
 
 from lite.modules import CAUSAL_MIXERS, MixerSpec
 from lite.modules.memory_compressed import MemoryCompressedAttention, memory_compressed_from_spec
 from tests.conftest import assert_close, left_padding, tiny_model
 
 STRIDE = 3
+C, H, D = 16, 2, 8  # make_unit's sizes
+WIDTH = C + H  # the package twin's width: one more channel a head
 
 
 def make_unit(stride: int = STRIDE) -> MemoryCompressedAttention:
@@ -45,6 +49,63 @@ def test_reference_is_the_textbook_formula():
     want = torch.full((5, 1, 1), 121 / 3)
     assert_close(unit.reference_forward(x), want)
     assert_close(unit(x), want)
+
+
+def package_twin(unit: MemoryCompressedAttention) -> PackageAttention:
+    """The package's module computing ``unit`` (whose key and value compression is one Conv1d grouped by head, as the
+    package's), through its weights on WIDTH channels: each head's D, then one extra. Its input is x, then (1, 0):
+    that column holds our q, k, v biases (its to_qkv has none). It scales by 1 / sqrt(WIDTH), not 1 / sqrt(D): W_q
+    and b_q are multiplied by sqrt(WIDTH / D) = 1.5. It prepends a null slot that every query sees: each head's extra
+    query channel is 1 and the null key's -1e4, so the null slot's weight is exp(-2357) = 0 (the real slots' extra
+    key and value channels are 0)."""
+    twin = PackageAttention(WIDTH, heads=H, compression_factor=STRIDE).eval()
+    channels = torch.arange(WIDTH).view(H, D + 1)
+    ours, extra = channels[:, :D].flatten(), channels[:, D]  # [C], [H]: where our channels and the extra ones go
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        rows = twin.to_qkv.weight.chunk(3)  # q, k, v [WIDTH, WIDTH] (views)
+        for part, weight, bias, factor in zip(rows, unit.qkv.weight.chunk(3), unit.qkv.bias.chunk(3),
+                                              ((WIDTH / D) ** 0.5, 1.0, 1.0)):
+            part[ours, :C] = weight * factor
+            part[ours, C] = bias * factor
+        rows[0][extra, C] = 1.0
+        twin.null_k[0, 0, extra] = -1e4
+        conv = twin.compress_fn.conv  # weight [WIDTH, D + 1, s]: groups = H
+        blocks = unit.compress_key.weight.view(H, D, H, D, STRIDE)  # [H, D, H, D, s]
+        conv.weight.view(H, D + 1, D + 1, STRIDE)[:, :D, :D] = torch.stack([blocks[h, :, h] for h in range(H)])
+        conv.bias.view(H, D + 1)[:, :D] = unit.compress_key.bias.view(H, D)
+        twin.to_out.weight[:C, ours] = unit.out_proj.weight  # the first C outputs are ours
+        twin.to_out.bias[:C] = unit.out_proj.bias
+    return twin
+
+
+@pytest.mark.parametrize("length", [1, 3, 7, 12])
+def test_matches_memory_compressed_attention_package(length):
+    """Our output at a sentence's real frames is memory-compressed-attention's ``MemoryCompressedAttention``
+    (lucidrains) on that sentence alone, ours restricted to what the package can express: its one compression, for
+    keys and values alike, is grouped by head, so our cross-head taps are zeroed and the value's conv is the key's.
+    The rest is bridged by ``package_twin`` and the input. The package pads an incomplete window at the front (its
+    windows end at the last frame), ours at the end: its input gets (-T) mod s zero frames appended (zero keys and
+    values, no bias), which makes its windows ours. Its padding mask is not used: it hides every real slot from a
+    real query (``mask_q < mask_k`` on True = keep), so sentences go alone; ours counts windows from the first real
+    token, so a left-padded one compresses as alone. Not compared: the causal form (ours has none; the package's
+    shows a query the slots whose window ends at or before it, none of its pending window)."""
+    unit = make_unit()
+    with torch.no_grad():
+        same_head = torch.block_diag(*[torch.ones(D, D)] * H)  # [C, C]
+        unit.compress_key.weight.mul_(same_head.unsqueeze(-1))  # [C, C, s]: no cross-head taps
+        unit.compress_value.load_state_dict(unit.compress_key.state_dict())
+    twin = package_twin(unit)
+    x = torch.randn(length, 2, C)  # [T, B, C]
+    mask = left_padding(2, length, pads=min(5, length - 1))
+    ours = unit(x, mask)
+    for b in range(2):
+        sentence = x[~mask[b], b]  # [T_b, C]
+        frames = len(sentence)
+        inputs = torch.cat([sentence, F.pad(torch.ones(frames, 1), (0, H - 1))], dim=1)  # [T_b, WIDTH]: x, (1, 0)
+        inputs = F.pad(inputs, (0, 0, 0, -frames % STRIDE))  # then zero frames up to a multiple of s
+        assert_close(ours[~mask[b], b], twin(inputs.unsqueeze(0))[0, :frames, :C])
 
 
 def test_keys_are_compressed_stride_fold():
