@@ -12,7 +12,8 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 INC := onnx-neural-compressor==1.0
 INC_DEPS := psutil py-cpuinfo pydantic prettytable transformers
 # maintained implementations of survey mechanisms, compared with ours in the tests only
-REFERENCE_PACKAGES := performer-pytorch==1.1.4 linformer==0.2.3 isab-pytorch==0.3.0 memory-compressed-attention==0.0.7
+REFERENCE_PACKAGES := performer-pytorch==1.1.4 linformer==0.2.3 isab-pytorch==0.3.0 memory-compressed-attention==0.0.7 \
+	reformer-pytorch==1.4.4 sinkhorn-transformer==0.11.4 routing-transformer==1.6.1
 TEST_DEPS := pytest hypothesis pytest-xdist filelock $(REFERENCE_PACKAGES)
 # test processes: each file on one worker (its module fixtures built once), the tiny trainings spread (tests/conftest.py)
 TEST_WORKERS ?= 2

@@ -1,9 +1,14 @@
 """Reformer's LSH attention: fast paths (the encoder's sorted chunks, the decoder's causal bucket mask) vs the
 one-query-one-head-one-round reference, the paper's hash and self rule, rounds combined by their logsumexp, stepping
 (cached keys, values and buckets) vs the full causal pass, beams, padding, the rotations fixed at build time and kept
-in the state dict, options refused by name."""
+in the state dict, options refused by name, and reformer-pytorch's ``LSHAttention`` (hashing, one round and
+several)."""
+from contextlib import contextmanager
+
 import pytest
 import torch
+from reformer_pytorch.reformer_pytorch import LSHAttention, LSHSelfAttention
+from torch import Tensor
 
 from lite.modules import CAUSAL_MIXERS, MixerSpec
 from lite.modules.reformer import STATE_NAMES, ReformerAttention, random_rotations, reformer_attention_from_spec
@@ -12,6 +17,7 @@ from tests.lite.mixer_checks import (assert_padded_frames_do_not_leak, assert_re
                                       assert_stepping_matches_full_pass)
 
 BUCKETS, HASHES, CHUNK = 4, 2, 3
+C, H, D = 16, 4, 4  # make_unit's sizes
 
 
 def make_unit(causal: bool, buckets: int = BUCKETS, hashes: int = HASHES, chunk: int = CHUNK, embed_dim: int = 16,
@@ -235,3 +241,111 @@ def test_the_preset_uses_it_in_both_encoder_and_decoder():
     assert (args.encoder_mixer, args.decoder_mixer, args.reformer_buckets, args.reformer_hashes,
             args.reformer_chunk) == ("reformer", "reformer", 8, 1, 8)
     assert not model.encoder.layers[0].mixer.causal and model.decoder.layers[0].mixer.causal
+
+
+@contextmanager
+def our_rotations(monkeypatch, rotations: Tensor):
+    """While open, reformer-pytorch's one random draw, ``torch.randn`` in ``LSHAttention.hash_vectors`` (shape
+    [1, D, R, n/2]: one rotation for every head and batch row), returns ours, A [D, R, n/2]; another shape fails."""
+    def randn(shape, dtype=None, device=None):
+        assert tuple(shape) == (1, *rotations.shape)
+        return rotations.to(dtype=dtype, device=device).unsqueeze(0)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "randn", randn)
+        yield
+
+
+def package_twin(unit: ReformerAttention, bucket_size: int) -> LSHSelfAttention:
+    """reformer-pytorch's ``LSHSelfAttention`` (lucidrains) with the unit's weights, fed [x, 1] (C + 1 channels): its
+    qk and v projections have no bias, so the constant channel's weight column holds ours; its first C outputs are
+    ours. It cuts the sorted order into chunks of ``bucket_size`` and hashes into n = T / bucket_size buckets (ours:
+    both options). ``attend_across_buckets=False`` hides other buckets' keys in a chunk, as ours; its default
+    ``allow_duplicate_attention`` counts a key in several rounds once per round, as ours."""
+    twin = LSHSelfAttention(C + 1, heads=H, dim_head=D, bucket_size=bucket_size, n_hashes=unit.hashes,
+                            causal=unit.causal, attend_across_buckets=False).to(unit.qkv.weight.dtype).eval()
+    with torch.no_grad():
+        qk_weight, v_weight = unit.qkv.weight.chunk(2)  # [C, C] each
+        qk_bias, v_bias = unit.qkv.bias.chunk(2)  # [C] each
+        twin.toqk.weight.copy_(torch.cat([qk_weight, qk_bias.unsqueeze(1)], dim=1))  # [C, C + 1]
+        twin.tov.weight.copy_(torch.cat([v_weight, v_bias.unsqueeze(1)], dim=1))
+        twin.to_out.weight[:C] = unit.out_proj.weight  # [C + 1, C]: the first C rows
+        twin.to_out.bias[:C] = unit.out_proj.bias
+    return twin
+
+
+def package_forward(monkeypatch, unit: ReformerAttention, bucket_size: int, x: Tensor) -> Tensor:
+    """x [T, B, C] -> the package twin's output [T, B, C], hashed with the unit's rotations."""
+    twin = package_twin(unit, bucket_size)
+    inputs = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=-1).transpose(0, 1)  # [B, T, C + 1]
+    with our_rotations(monkeypatch, unit.rotations):
+        return twin(inputs)[..., :C].transpose(0, 1)
+
+
+def test_hashing_matches_reformer_pytorch(monkeypatch):
+    """The same vectors and rotations give the buckets of reformer-pytorch's ``LSHAttention.hash_vectors``: the
+    argmax over [x A_r; -x A_r], A in the same layout. It returns [batch, R T], round r's buckets offset by r n (its
+    rounds share one sort)."""
+    unit = make_unit(causal=False, buckets=8, hashes=3)
+    vectors = torch.randn(6, 50, D)  # [batch, T, D]: a package batch row is one head of one sentence
+    with our_rotations(monkeypatch, unit.rotations):
+        theirs = LSHAttention(n_hashes=3).hash_vectors(8, vectors).view(6, 3, 50)  # [batch, R, T]
+    offsets = 8 * torch.arange(3).view(3, 1)  # [R, 1]
+    assert torch.equal(theirs - offsets, unit._bucket(vectors).transpose(1, 2))
+    assert theirs.unique().numel() == 24  # every bucket of every round used
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reformer_pytorch_lsh_attention(monkeypatch, causal):
+    """One round, 2 buckets, 16 frames. reformer-pytorch cuts the sorted order into 2 chunks of 8 and a chunk looks
+    one back, chunk 0 to the last one (Trax's wrap-around), so each sees the other: a query sees every same-bucket
+    key, as ours with one chunk of 16 (the encoder). Causal: the earlier same-bucket keys, as ours (unchunked): they
+    sort before the query, in its chunk or the one before. Also alike: shared qk, normalized keys, the 1 / sqrt(D)
+    scale, a query that sees itself only when it sees nothing else (there: a self logit of -5e4, above the masked
+    ones). Sentences go unpadded: the package's pads are hashed and sorted among the real frames, taking chunk slots
+    and counting in n = T / bucket_size."""
+    unit = make_unit(causal, buckets=2, hashes=1, chunk=16)
+    x = torch.randn(16, 2, C)  # [T, B, C]
+    assert_close(unit(x), package_forward(monkeypatch, unit, 8, x))
+
+
+def test_several_chunks_match_reformer_pytorch(monkeypatch):
+    """One round, 6 buckets, 6 chunks of 4 (24 frames), as ours but for chunk 0, which looks back to the last chunk
+    there (Trax's wrap-around) and to nothing here. That adds keys only where the first and last chunks share a
+    bucket, which no head of these sentences does (asserted). Not compared: the causal form, chunked there (a query
+    sees the earlier keys of its bucket in its chunk and the one before), unchunked here."""
+    unit = make_unit(causal=False, buckets=6, hashes=1, chunk=4)
+    x = torch.randn(24, 2, C)  # [T, B, C]
+    bucket = unit._bucket(unit._heads(x)[0])[..., 0].sort(dim=0).values  # [T, B, H]: each head's, sorted
+    assert (bucket[3] < bucket[-4]).all()  # chunk 0's buckets all below the last chunk's
+    assert_close(unit(x), package_forward(monkeypatch, unit, 4, x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rounds_match_reformer_pytorch(monkeypatch, causal):
+    """Three rounds. reformer-pytorch sorts them together, round r's buckets offset by r n, so a round's chunk 0
+    looks back into the previous round's last chunk, of other bucket ids, hidden: its chunks are ours (encoder: 4
+    buckets, chunks of 4, 16 frames; decoder: as in the one-round test). The rounds combine alike (a softmax over
+    their logsumexps), but for a query alone (seeing only itself) in some rounds and not all: a round's logsumexp is
+    the self logit here, -5e4 there, which drops the round. Our out_proj is the identity, so the output is the heads'
+    and a (frame, head) is compared where its query is alone in no round or in all; the others differ (asserted).
+    In float64: in float32 the package's logsumexps near -5e4 fall on steps of 0.004, which moves the rounds' weights
+    of a query alone in all of them by up to 0.2%."""
+    buckets, chunk, bucket_size = (2, CHUNK, 8) if causal else (4, 4, 4)
+    unit = make_unit(causal, buckets=buckets, hashes=3, chunk=chunk).double()
+    with torch.no_grad():
+        unit.out_proj.weight.copy_(torch.eye(C))
+        unit.out_proj.bias.zero_()
+    x = torch.randn(16, 2, C, dtype=torch.float64)  # [T, B, C]
+    ours, theirs = (y.view(16, 2, H, D) for y in (unit(x), package_forward(monkeypatch, unit, bucket_size, x)))
+    qk = unit._heads(x)[0]  # [T, B, H, D]
+    frames = list(range(16))
+    alone = torch.zeros(16, 2, H, dtype=torch.long)  # [T, B, H]: the rounds in which the query sees only itself
+    for b in range(2):
+        for h in range(H):
+            hashed = {j: unit.reference_buckets(qk[j, b, h]) for j in frames}
+            for i in frames:
+                alone[i, b, h] = sum(unit.reference_keys(hashed, frames, i, r) == [i] for r in range(3))
+    same = (alone == 0) | (alone == 3)  # [T, B, H]
+    assert_close(ours[same], theirs[same])
+    assert same.float().mean() > 0.75 and ((ours - theirs)[~same].abs().amax(-1) > 1e-3).all()

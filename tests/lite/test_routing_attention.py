@@ -1,12 +1,15 @@
 """Routing attention: fast path (dense attention under the cluster mask) vs the one-query-one-head-at-a-time reference,
 stepping (cached keys, values and key clusters) vs the full causal pass, beams, padding, the fallback to a query's own
-frame, and the centroids: fixed at build time, moved by the moving average in training only, kept in checkpoints."""
+frame, the centroids: fixed at build time, moved by the moving average in training only, kept in checkpoints, and the
+cluster assignment, the k-means step and attention within clusters vs routing-transformer's."""
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from routing_transformer import KmeansAttention
+from routing_transformer.routing_transformer import Kmeans
 
 from lite.modules import CAUSAL_MIXERS, MixerSpec
 from lite.modules.routing_attention import STATE_NAMES, RoutingAttention, initial_centroids, routing_attention_from_spec
@@ -263,6 +266,80 @@ def test_centroids_survive_a_checkpoint(tmp_path):
     fresh.load_state_dict(torch.load(tmp_path / "checkpoint.pt")["model"])
     assert all(torch.equal(model.state_dict()[key], fresh.state_dict()[key]) for key in keys)
     assert torch.equal(model(tokens, lengths, tokens)[0], fresh(tokens, lengths, tokens)[0])
+
+
+# ------------------------------------------------------------------------------------ vs routing-transformer
+
+def package_kmeans(unit: RoutingAttention) -> Kmeans:
+    """routing-transformer's ``Kmeans`` with our centroids as its means (marked initialized: no k-means init of its
+    own) and our decay."""
+    kmeans = Kmeans(unit.num_heads, unit.head_dim, unit.clusters, ema_decay=unit.decay)
+    kmeans.means.copy_(unit.centroids)
+    kmeans.initted.fill_(True)
+    return kmeans
+
+
+def test_cluster_assignment_matches_routing_transformer():
+    """Each query's and key's cluster is the one routing-transformer's ``Kmeans`` (lucidrains) assigns with our
+    centroids as its means: the largest cosine (the package normalizes the vectors; ours leaves |x| out of the
+    argmax), on the queries and keys concatenated as its ``KmeansAttention`` passes them."""
+    unit = make_unit(causal=False)
+    x = torch.randn(13, 2, 16)  # [T, B, C]
+    q, k, _ = (t.transpose(1, 2) for t in unit._normalized_heads(x.transpose(0, 1)))  # [B, H, T, D]
+    similarity, _ = package_kmeans(unit)(torch.cat([q, k], dim=2))  # [B, H, 2 T, c]
+    assert torch.equal(torch.cat([unit.route(q), unit.route(k)], dim=2), similarity.argmax(-1))
+
+
+@pytest.mark.parametrize("clusters,length", [(3, 13), (8, 3)])  # 8 centroids, 6 vectors a head: some keep theirs
+def test_kmeans_step_matches_routing_transformer(clusters, length):
+    """With lambda = 0 and keys equal to the queries (W_k, b_k = W_q, b_q), a training pass moves our centroids as
+    routing-transformer's ``Kmeans`` moves its means on the same queries and keys (``update_means=True``, then
+    ``update()``): one spherical k-means step, each centroid the normalized mean of the unit vectors assigned to it,
+    a centroid with none assigned kept. The moving averages differ otherwise: the package moves a mean by
+    lambda mu + (1 - lambda) normalize(sum of the queries and keys assigned), off the unit sphere, ours to
+    normalize(lambda mu + (1 - lambda) (mean_q + mean_k) / 2), a unit vector; they coincide when lambda = 0 and each
+    cluster holds as many queries as keys (k = q). The package also averages the new means of the passes between two
+    calls of ``update()``; ours moves every training pass. No padding: the package's k-means counts every frame."""
+    unit = make_unit(causal=False, clusters=clusters, decay=0.0)
+    with torch.no_grad():
+        unit.qkv.weight[16:32].copy_(unit.qkv.weight[:16])  # W_k = W_q: rows q, k, v of 16 each
+        unit.qkv.bias[16:32].copy_(unit.qkv.bias[:16])
+    x = torch.randn(length, 2, 16)  # [T, B, C]
+    q, k, _ = (t.transpose(1, 2) for t in unit._normalized_heads(x.transpose(0, 1)))  # [B, H, T, D]
+    kmeans = package_kmeans(unit)
+    kmeans(torch.cat([q, k], dim=2), update_means=True)
+    kmeans.update()
+    unit.train()
+    unit(x)
+    assert_close(unit.centroids, kmeans.means)
+
+
+@pytest.mark.parametrize("length", [8, 20])
+def test_attention_within_clusters_matches_routing_transformer(length):
+    """Where the package's windows are our clusters, the encoder is routing-transformer's ``KmeansAttention``
+    (lucidrains; no memory keys) on our LN(q), LN(k), v, then our out_proj: a softmax of q . k / sqrt(D) over the keys
+    of the query's cluster. Its c windows take the w = T / c queries and the w keys nearest each mean, ours each
+    vector's nearest centroid; they are the same sets when each cluster holds w queries and w keys, its nearest:
+    here c = 2 antipodal centroids (mu, -mu) a head, no bias on q and k, and the input (x, -x), so that every q and
+    k has an opposite twin and each cluster takes one of each pair. Bridged: the package's output is a scatter mean
+    whose count has 1e-5 added, so a query in one window gets ours / (1 + 1e-5): multiplied back, and compared
+    without a relative tolerance (a relative 1e-5 would hide that factor). Not compared: clusters of other sizes
+    (the package's windows then drop members or take others', and a query in no window gets zero), padding (pads
+    take window places there) and the causal form (the package adds a learned memory key a cluster, or with shared
+    q, k hides a query's own key; ours falls back to the query's own frame)."""
+    unit = make_unit(causal=False, clusters=2)
+    with torch.no_grad():
+        unit.qkv.bias[:32].zero_()  # b_q = b_k = 0: q(-x) = -q(x)
+        mu = F.normalize(torch.randn(4, 1, 4), dim=-1)  # [H, 1, D]
+        unit.centroids.copy_(torch.cat([mu, -mu], dim=1))
+    half = torch.randn(length // 2, 2, 16)
+    x = torch.cat([half, -half])  # [T, B, C]
+    q, k, v = (t.transpose(1, 2) for t in unit._normalized_heads(x.transpose(0, 1)))  # [B, H, T, D]
+    theirs = KmeansAttention(2, length // 2, 4, 4).eval()  # c, w, H, D
+    theirs.kmeans = package_kmeans(unit)
+    out, _ = theirs(q, k, v)  # [B, H, T, D]
+    expected = unit.out_proj(out.transpose(1, 2).flatten(2) * (1 + 1e-5))  # [B, T, C]
+    assert_close(unit(x), expected.transpose(0, 1), rtol=0)
 
 
 # ------------------------------------------------------------------------------------ building

@@ -1,10 +1,14 @@
 """Sparse Sinkhorn attention: fast path (blocks, the SortNet's permutation balanced by Sinkhorn, each query against its
-block and its sorted block) vs the one-query-one-head-at-a-time reference, the balancing itself, stepping (cached
-keys/values/frames) vs the full causal pass, beams, padding, blocks counted from the first real token, bad options."""
+block and its sorted block) vs the one-query-one-head-at-a-time reference, the balancing itself, the balancing and the
+attention over own and sorted blocks vs sinkhorn-transformer's, stepping (cached keys/values/frames) vs the full causal
+pass, beams, padding, blocks counted from the first real token, bad options."""
 import math
 
 import pytest
 import torch
+from sinkhorn_transformer.sinkhorn_transformer import SinkhornAttention as PackageAttention
+from sinkhorn_transformer.sinkhorn_transformer import sinkhorn_sorting_operator
+from torch import Tensor, nn
 
 from lite.modules import CAUSAL_MIXERS, MixerSpec
 from lite.modules.sinkhorn_attention import STATE_NAMES, SinkhornAttention, sinkhorn, sinkhorn_attention_from_spec
@@ -111,6 +115,67 @@ def test_the_permutation_is_soft_and_balanced():
     assert 0.05 < p.max(1).values.min() and p.max() < 0.99
     assert (p.max(1).values - p.min(1).values).max() > 0.1
     assert_close(p.sum(0), torch.ones(6), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("iterations,temperature", [(1, 1.0), (ITERATIONS, TEMPERATURE), (8, 2.0)])
+def test_sinkhorn_normalization_matches_sinkhorn_transformer(iterations, temperature):
+    """The encoder's P is sinkhorn-transformer's ``sinkhorn_sorting_operator`` (lucidrains: K rounds of row then column
+    logsumexp normalization in log space, then exp) on the same logits R / tau. Only the balancing is compared, R is
+    ours: the package's sort nets feed the operator other logits (R per head from the bucket means of q and k, then
+    log(relu(R) + 1e-6) plus Gumbel noise, divided by tau; ours one bilinear R for all heads from the input's block
+    sums, no noise), and its causal sort net uses no Sinkhorn (a differentiable top-k over earlier buckets). A block of
+    pads only, which ours leaves out of the balancing, gets the package's balancing of the other blocks' submatrix and
+    zero in its row and column."""
+    unit = make_unit(causal=False, iterations=iterations, temperature=temperature)
+    embeddings = torch.randn(2, 5 * BLOCK, 16).view(2, 5, BLOCK, 16).sum(2)  # [B, N, C]: 5 blocks' frame sums
+    scores = unit.sort(embeddings) @ embeddings.transpose(1, 2) / (BLOCK * math.sqrt(16))  # R [B, N, N]
+    p = unit.permutation(embeddings, torch.ones(2, 5, dtype=torch.bool))  # [B, N, N]
+    assert_close(p, sinkhorn_sorting_operator(scores / temperature, iterations))
+    kept = torch.tensor([0, 1, 2, 4])  # block 3 holds pads only
+    p = unit.permutation(embeddings, (torch.arange(5) != 3).expand(2, 5))
+    expected = torch.zeros(2, 5, 5)
+    expected[:, kept[:, None], kept] = sinkhorn_sorting_operator(scores[:, kept[:, None], kept] / temperature,
+                                                                 iterations)
+    assert_close(p, expected)
+
+
+class GivenPermutation(nn.Module):
+    """The package's sort net replaced by a given P [B H, N, N] (batch and heads merged, batch major)."""
+
+    def __init__(self, p: Tensor):
+        super().__init__()
+        self.p = p
+
+    def forward(self, q: Tensor, k: Tensor, topk: int = 1) -> Tensor:
+        return self.p
+
+
+@pytest.mark.parametrize("length", [BLOCK, 4 * BLOCK, 11 * BLOCK])
+def test_attention_over_own_and_sorted_blocks_matches_sinkhorn_transformer(length):
+    """Given our P, the encoder is sinkhorn-transformer's ``SinkhornAttention`` (lucidrains) on our heads' q, k, v,
+    then our out_proj: block i's queries attend, in one softmax of q . k / sqrt(D), to the block's own keys and the
+    sorted keys sum_j P[i, j] k_j. P (one for all heads) stands in for the package's sort net, whose logits differ
+    (see the normalization test). Bridged: the package (0.11.4) takes the sorted keys for the sorted values
+    (``b_v_r = b_k_r.reshape(...)`` outside its n_sortcut branch), so here v = k (W_v, b_v set to W_k, b_k): the
+    comparison cannot see the sorted values' own weights, which the reference test checks. Not compared: padding
+    (the package masks a sorted block by its largest-weight block's mask, a hard choice; ours mixes zero keys and
+    values at pads and hides sorted slot s when the sentence is shorter than s + 1), lengths that are not a multiple
+    of b (the package refuses them), and the causal form (the package's causal unit rotates half the heads by b - 1,
+    ranks earlier buckets by a differentiable top-k and adds learned null keys; ours balances P under a causal
+    mask)."""
+    unit = make_unit(causal=False)
+    with torch.no_grad():
+        unit.qkv.weight[32:].copy_(unit.qkv.weight[16:32])  # W_v = W_k: rows q, k, v of 16 each
+        unit.qkv.bias[32:].copy_(unit.qkv.bias[16:32])
+    x = torch.randn(length, 2, 16)  # [T, B, C]
+    blocks = length // BLOCK
+    embeddings = x.transpose(0, 1).reshape(2, blocks, BLOCK, 16).sum(2)  # [B, N, C]
+    p = unit.permutation(embeddings, torch.ones(2, blocks, dtype=torch.bool))  # [B, N, N]
+    theirs = PackageAttention(BLOCK, 16, 4, 4, length).eval()  # b, C, D, H, the maximum length
+    theirs.sort_net = GivenPermutation(p.unsqueeze(1).expand(2, 4, blocks, blocks).reshape(8, blocks, blocks))
+    q, k, v = (t.transpose(1, 2) for t in unit._heads(x.transpose(0, 1)))  # [B, H, T, D]
+    expected = unit.out_proj(theirs(q, k, v).transpose(1, 2).flatten(2))  # [B, T, C]
+    assert_close(unit(x), expected.transpose(0, 1))
 
 
 @pytest.mark.parametrize("causal", [False, True])
