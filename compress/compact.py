@@ -80,12 +80,17 @@ class _Graph:
 
 
 def _embedding_gathers(graph: _Graph) -> list:
-    """Gathers whose table (input 0) is a 2-D fp32 initializer looked up by token ids: the embeddings."""
-    from onnx import TensorProto
+    """Gathers of rows (axis 0) whose table (input 0) is a 2-D fp32 initializer looked up by token ids: the
+    embeddings (a lookup along axis 1, e.g. the Synthesizer's columns by position, is not one)."""
+    from onnx import TensorProto, helper
+
+    def rows(node) -> bool:
+        return all(helper.get_attribute_value(a) == 0 for a in node.attribute if a.name == "axis")
 
     return [n for n in graph.model.graph.node if n.op_type == "Gather" and n.input[0] in graph.initializers
             and graph.initializers[n.input[0]].data_type == TensorProto.FLOAT
-            and len(graph.initializers[n.input[0]].dims) == 2 and graph.initializers[n.input[0]].dims[0] > 2]
+            and len(graph.initializers[n.input[0]].dims) == 2 and graph.initializers[n.input[0]].dims[0] > 2
+            and rows(n)]
 
 
 def _int8_lookup(graph: _Graph, gather, table: str, scale: str) -> None:

@@ -314,3 +314,18 @@ def test_a_damaged_weights_file_is_refused(dynamic, tmp_path, damage):
         weights.write_bytes(bytes(data))
     with pytest.raises(ModelDirError, match="weights.bin (is missing|does not match its sha256)"):
         Translator(broken)
+
+
+def test_only_row_lookups_are_compacted_as_embeddings():
+    """A Gather of a 2-D table along axis 1 (the Synthesizer's columns by position) keeps its fp32 table: the per-row
+    int8 layout would look its scales up by column (it failed as "idx=4 must be within [-4,3]" on a 4-row table)."""
+    from compress.compact import _embedding_gathers, _Graph
+
+    table = numpy_helper.from_array(np.ones((4, 8), dtype=np.float32), "table")  # [rows, columns]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [3])
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["by_row"], name="row"),
+             helper.make_node("Gather", ["table", "ids"], ["by_row_0"], name="row_0", axis=0),
+             helper.make_node("Gather", ["table", "ids"], ["by_column"], name="column", axis=1)]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("by_row", "by_row_0", "by_column")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [ids], outputs, [table]))
+    assert [n.name for n in _embedding_gathers(_Graph(model))] == ["row", "row_0"]
