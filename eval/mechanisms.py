@@ -24,6 +24,7 @@ from lite.modules import CAUSAL_MIXERS
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Mechanism:
     mixer: str  # its name in MIXERS (--encoder-mixer / --decoder-mixer)
