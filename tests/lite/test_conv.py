@@ -12,10 +12,31 @@ CONVS = [LightweightConv, DynamicConv]
 @pytest.mark.parametrize("conv_cls", CONVS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel_size", [1, 3, 4, 7])
-def test_fast_path_matches_reference(conv_cls, causal, kernel_size):
-    conv = conv_cls(channels=12, kernel_size=kernel_size, num_heads=3, causal=causal)
+@pytest.mark.parametrize("training", [False, True])  # DynamicConv: the taps, and the band matrix it trains with
+def test_fast_path_matches_reference(conv_cls, causal, kernel_size, training):
+    conv = conv_cls(channels=12, kernel_size=kernel_size, num_heads=3, causal=causal).train(training)
     x = torch.randn(9, 2, 12)  # [T, B, C]
     assert_close(conv(x), conv.reference_forward(x))
+
+
+def test_band_form_continues_a_causal_state():
+    """A training pass over several frames after earlier ones (incremental state given) reads their K-1 frames."""
+    conv = DynamicConv(channels=8, kernel_size=5, num_heads=2, causal=True)
+    x = torch.randn(11, 3, 8)
+    state = {}
+    both = torch.cat([conv(x[:4], state), conv(x[4:], state)])
+    assert_close(both, conv.reference_forward(x))
+
+
+def test_band_form_gradients_match_the_taps():
+    conv = DynamicConv(channels=12, kernel_size=7, num_heads=3, causal=False).double()
+    x = torch.randn(9, 2, 12, dtype=torch.double)
+    grads = []
+    for training in (True, False):
+        conv.train(training).zero_grad()
+        conv(x).square().sum().backward()
+        grads.append(conv.weight_linear.weight.grad.clone())
+    assert_close(grads[0], grads[1])
 
 
 def test_reference_is_the_textbook_formula():
