@@ -7,7 +7,13 @@ a temp dir with the toolkit's own exporter; the step's states are given L frames
 the model dir's state declarations), the memory is the encoder's output on L tokens. Each figure is the median of
 ``repeat`` timed runs after one warm-up.
 
+``--train``: what a training update costs instead — CPU seconds of one forward + backward pass in PyTorch on a batch
+of ``tokens // L`` sentences of L source and L target tokens, which is what sets how many updates a preset makes in
+its CPU-time budget (``lite pipeline``'s 90 CPU-minutes). CPU time of the process (user + system), so a figure does
+not depend on what else runs beside it as much as wall time does.
+
     lite scaling --arch transformer_100m,linear_100m,performer_100m --lengths 16,64,256,512 [--threads 1] [--json]
+    lite scaling --arch transformer_100m,lsra_100m --lengths 15 --train [--tokens 3360]
 """
 from __future__ import annotations
 
@@ -36,6 +42,14 @@ class Point:
     state_bytes: int  # the decoder state carried from step to step, all hypotheses
 
 
+@dataclass
+class TrainPoint:
+    arch: str
+    length: int
+    sentences: int  # the batch: tokens // length sentences of ``length`` source and ``length`` target tokens
+    step_s: float  # CPU seconds of one training step (forward + backward)
+
+
 def _median_ms(run, repeat: int) -> float:
     run()  # warm-up
     times = []
@@ -54,17 +68,7 @@ def measure(arch: str, lengths: list[int], repeat: int = 20, threads: int = 1, v
     from export import candidates
     from export.exporter import export_graphs
     from export.model_dir import StateSpec
-    from lite.models.factory import build_arch
-
-    from lite.models.factory import lite_archs
-
-    if arch not in lite_archs():
-        raise ScalingError(f"--arch {arch}: not a registered architecture (see `lite macs --markdown`)")
-    model = build_arch(arch, vocab_size=vocab_size)
-    limit = min(model.encoder.max_positions(), model.decoder.max_positions()) - 2  # mixers' fixed lengths included
-    lengths = [n for n in lengths if n <= limit]  # longer ones are left out of its row ("–" in the table)
-    if not lengths:
-        raise ScalingError(f"--lengths: {arch} takes at most {limit} tokens")
+    model, lengths = _build(arch, lengths, vocab_size)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         description = export_graphs(model, Path(tmp))
@@ -94,6 +98,50 @@ def measure(arch: str, lengths: list[int], repeat: int = 20, threads: int = 1, v
     return points
 
 
+def _build(arch: str, lengths: list[int], vocab_size: int):
+    """``arch`` at its preset with random weights, and the lengths it takes (longer ones are left out of its row:
+    "–" in the table)."""
+    from lite.models.factory import build_arch, lite_archs
+
+    if arch not in lite_archs():
+        raise ScalingError(f"--arch {arch}: not a registered architecture (see `lite macs --markdown`)")
+    model = build_arch(arch, vocab_size=vocab_size)
+    limit = min(model.encoder.max_positions(), model.decoder.max_positions()) - 2  # mixers' fixed lengths included
+    lengths = [n for n in lengths if n <= limit]
+    if not lengths:
+        raise ScalingError(f"--lengths: {arch} takes at most {limit} tokens")
+    return model, lengths
+
+
+def measure_training(arch: str, lengths: list[int], tokens: int = 3360, repeat: int = 3, threads: int = 1,
+                     vocab_size: int = 8000) -> list[TrainPoint]:
+    """CPU seconds of a training step of ``arch`` at each length it takes (see the module doc): the median of
+    ``repeat`` steps after one warm-up, on random tokens (cost does not depend on them)."""
+    import torch
+    import torch.nn.functional as F
+
+    model, lengths = _build(arch, lengths, vocab_size)
+    model.train()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    points = []
+    for length in lengths:
+        sentences = max(1, tokens // length)
+        src, tgt = (torch.randint(4, vocab_size, (sentences, length), generator=generator) for _ in range(2))
+        src_lengths = torch.full((sentences,), length)
+
+        def step() -> float:
+            start = time.process_time()
+            logits, _ = model(src, src_lengths, tgt)  # [N, L, V]
+            F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1)).backward()
+            model.zero_grad(set_to_none=True)
+            return time.process_time() - start
+
+        step()  # warm-up
+        points.append(TrainPoint(arch, length, sentences, round(float(np.median([step() for _ in range(repeat)])), 3)))
+    return points
+
+
 def markdown(points: list[Point], threads: int) -> str:
     lengths = sorted({p.length for p in points})
     archs = list(dict.fromkeys(p.arch for p in points))
@@ -113,5 +161,18 @@ def markdown(points: list[Point], threads: int) -> str:
     return "\n".join([head, rule, *rows, "", note])
 
 
-def to_json(points: list[Point]) -> list[dict]:
+def training_markdown(points: list[TrainPoint], threads: int) -> str:
+    lengths = sorted({p.length for p in points})
+    by = {(p.arch, p.length): p for p in points}
+    sentences = {p.length: p.sentences for p in points}
+    head = "| `--arch` | " + " | ".join(f"L = {n} ({sentences[n]} sentences)" for n in lengths) + " |"
+    rows = [f"| `{a}` | " + " | ".join(f"{by[a, n].step_s:g}" if (a, n) in by else "–" for n in lengths) + " |"
+            for a in dict.fromkeys(p.arch for p in points)]
+    note = (f"CPU seconds of one training step (forward + backward, PyTorch, {threads} thread(s)) on a batch of "
+            f"L + L-token sentences; – beyond the architecture's fixed maximum length. Generated by `lite scaling "
+            f"--train`.")
+    return "\n".join([head, "|---|" + "---:|" * len(lengths), *rows, "", note])
+
+
+def to_json(points: list[Point] | list[TrainPoint]) -> list[dict]:
     return [asdict(p) for p in points]

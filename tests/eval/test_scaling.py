@@ -1,9 +1,12 @@
 """lite scaling: latency vs length per architecture; the decoder state it reports equals a count by hand (softmax
 attention's grows with the length, linear attention's does not), lengths past a fixed maximum are left out, an
-architecture with no length it takes and unknown names are refused."""
+architecture with no length it takes and unknown names are refused; --train times a training step on a batch of a
+fixed number of tokens."""
+import json
+
 import pytest
 
-from eval.scaling import BEAM, ScalingError, markdown, measure
+from eval.scaling import BEAM, ScalingError, markdown, measure, measure_training, training_markdown
 from lite.cli import main
 
 
@@ -38,3 +41,18 @@ def test_bad_lengths_and_names_are_refused(capsys):
         measure("synthesizer_dense_100m", [300])  # --synthesizer-max-len 256
     assert main(["scaling", "--arch", "no_such_arch"]) == 2
     assert "not a registered architecture" in capsys.readouterr().err
+
+
+def test_training_steps_are_timed_on_batches_of_a_fixed_number_of_tokens():
+    points = measure_training("synthesizer_dense_100m", [4, 40, 300], tokens=80, repeat=1)  # 300 > its 254
+    assert [(p.length, p.sentences) for p in points] == [(4, 20), (40, 2)]
+    assert all(p.step_s > 0 for p in points)
+    table = training_markdown(points, threads=1)
+    assert "L = 40 (2 sentences)" in table and "| `synthesizer_dense_100m` |" in table
+
+
+def test_train_flag_prints_the_training_table(capsys):
+    assert main(["scaling", "--arch", "transformer_d128", "--lengths", "6", "--train", "--tokens", "12",
+                 "--repeat", "1", "--json"]) == 0
+    [point] = json.loads(capsys.readouterr().out)
+    assert (point["arch"], point["length"], point["sentences"]) == ("transformer_d128", 6, 2) and point["step_s"] > 0
