@@ -142,9 +142,10 @@ class DynamicConv(_DepthwiseConv):
         return y if self.bias is None else y + self.bias
 
     def _band_forward(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
-        """Training form: the kernels laid out as a band matrix, one matmul with the window (1.6x faster a training
-        step of lsra_100m than the K taps, whose slices cost more in backward than the band's zeros do in the
-        matmul). Inference keeps the taps: the exported graph and the counted MACs are the convolution's."""
+        """Training form: the kernels laid out as a band matrix, one matmul with the window. The K taps' slices cost
+        more in backward than the band's zeros in the matmul: a training step of lsra_100m on 3,360 tokens is 1.5x
+        faster at 15 tokens a sentence, 1.3x at 120, 1.1x at 512. Inference keeps the taps: the exported graph and
+        the counted MACs are the convolution's."""
         length, batch, heads, width = x.size(0), x.size(1), self.num_heads, x.size(0) + self.kernel_size - 1
         kernel = self._kernels(x).permute(1, 2, 0, 3)  # [B, H, T, K]
         # band[b, h, t, j] = kernel[b, h, t, j - t] for 0 <= j - t < K, else 0: each row padded to T + K, then the
