@@ -9,7 +9,8 @@ the K-1 previous frames, kept as incremental state; the full forward is the same
 with a zero state, so step-by-step decoding and the teacher-forced pass agree by construction.
 
 The window of K frames is built with pad + slices (no ``unfold``/``as_strided``) so that the
-modules export to ONNX with the TorchScript exporter.
+modules export to ONNX with the TorchScript exporter; only the training form of the dynamic
+convolution, never exported, writes its band matrix through ``as_strided``.
 """
 from __future__ import annotations
 
@@ -142,19 +143,21 @@ class DynamicConv(_DepthwiseConv):
         return y if self.bias is None else y + self.bias
 
     def _band_forward(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
-        """Training form: the kernels laid out as a band matrix, one matmul with the window. The K taps' slices cost
-        more in backward than the band's zeros in the matmul: a training step of lsra_100m on 3,360 tokens is 1.5x
-        faster at 15 tokens a sentence, 1.3x at 120, 1.1x at 512. Inference keeps the taps: the exported graph and
-        the counted MACs are the convolution's."""
-        length, batch, heads, width = x.size(0), x.size(1), self.num_heads, x.size(0) + self.kernel_size - 1
-        kernel = self._kernels(x).permute(1, 2, 0, 3)  # [B, H, T, K]
-        # band[b, h, t, j] = kernel[b, h, t, j - t] for 0 <= j - t < K, else 0: each row padded to T + K, then the
-        # flattened rows read T + K - 1 at a time, which shifts row t by t
-        band = F.pad(kernel, (0, length)).reshape(batch, heads, -1)[..., :length * width]
-        band = band.view(batch, heads, length, width)  # [B, H, T, T + K - 1]
-        window = self._window(x, incremental_state)  # [T + K - 1, B, C]
-        frames = window.view(width, batch, heads, -1).permute(1, 2, 0, 3)  # [B, H, T + K - 1, R]
-        y = torch.matmul(band, frames).permute(2, 0, 1, 3).reshape(length, batch, self.channels)  # [T, B, C]
+        """Training form: the kernels laid out as a band matrix, one batched matmul with the frames (as fairseq's
+        DynamicConv1dTBC). The K taps' slices cost more in backward than the band's zeros in the matmul. Inference
+        keeps the taps: the exported graph and the counted MACs are the convolution's."""
+        length, batch, heads, taps = x.size(0), x.size(1), self.num_heads, self.kernel_size
+        kernel = self._kernels(x).view(length, batch * heads, taps).transpose(0, 1)  # [BH, T, K]
+        # band[n, t, t + k] = kernel[n, t, k]: a zero buffer written through a view whose rows step by T + K
+        width = length + taps - 1
+        band = kernel.new_zeros(batch * heads, length, width)  # [BH, T, T + K - 1]
+        band.as_strided((batch * heads, length, taps), (length * width, width + 1, 1)).copy_(kernel)
+        if self.causal and incremental_state is not None:  # the window carries past frames
+            frames = self._window(x, incremental_state)  # [T + K - 1, B, C]
+        else:  # the window's padding is zeros: only the T columns over x itself count
+            band, frames = band.narrow(2, self.padding_l, length), x  # [BH, T, T], [T, B, C]
+        frames = frames.reshape(frames.size(0), batch * heads, -1).transpose(0, 1)  # [BH, W, R]
+        y = torch.bmm(band, frames).transpose(0, 1).reshape(length, batch, self.channels)  # [T, B, C]
         return y if self.bias is None else y + self.bias
 
     def _step(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
