@@ -23,14 +23,32 @@ def make_gau(chunk_size: int, causal: bool, embed_dim: int = 16) -> GAU:
     return gau
 
 
+@pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk_size", CHUNKS)
-def test_fast_path_matches_reference(chunk_size, causal):
-    gau = make_gau(chunk_size, causal)
+def test_fast_path_matches_reference(chunk_size, causal, training):
+    """In both modes: training leaves out FLASH's unread linear part (no dropout here, so the modes agree)."""
+    gau = make_gau(chunk_size, causal).train(training)
     x = torch.randn(33, 2, 16)  # [T, B, C]
     assert_close(gau(x), gau.reference_forward(x))
     mask = left_padding(2, 33, pads=6)
     assert_close(gau(x, mask), gau.reference_forward(x, mask))
+
+
+@pytest.mark.parametrize("length", [5, 16, 33])
+def test_training_form_has_the_gradients_of_the_papers_form(length):
+    """FLASH's causal training pass (chunk 0's and the last chunk's linear part left out) against the paper's form
+    (eval mode), float64: one chunk, whole chunks, a padded last chunk."""
+    gau = make_gau(16, causal=True).double()
+    x = torch.randn(length, 2, 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for training in (False, True):
+        gau.train(training)
+        y = gau(x)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                         [x, *gau.parameters()]))
+    for paper, trained in zip(*grads):
+        assert_close(trained, paper)
 
 
 @pytest.mark.parametrize("chunk_size", CHUNKS)
