@@ -1,8 +1,12 @@
 """The README's table of token mixers side by side (``lite macs --mechanisms [--run-dir runs/multi30k_100m ...]
-[--eval EVAL.json ...] [--bench bench.json]``): paper, where each can serve, what a decoding step keeps, MACs at its
-100M preset and, from pipeline runs (or a checkpoint's ``lite eval``), the preset's BLEU (fp32, the run's test split)
-and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50) — or, with ``--bench``, every latency from that one
-``lite bench`` run, so that they compare with each other.
+[--eval EVAL.json ...] [--bench bench.json] [--record RECORD.json]``): paper, where each can serve, what a decoding
+step keeps, MACs at its 100M preset and, from pipeline runs (or a checkpoint's ``lite eval``), the preset's BLEU
+(fp32, the run's test split) and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50) — or, with ``--bench``,
+every latency from that one ``lite bench`` run, so that they compare with each other.
+
+A record (``--record``) keeps the figures, each with the run it came from, beside the README: run dirs are
+machine-local and can be lost, the table's figures then still regenerate. The table starts from the record, the
+figures of the runs given replace its entries, and the record is rewritten.
 
 Every mixer in ``lite.modules.MIXERS`` needs its row here (tests/eval/test_mechanisms.py checks).
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +24,7 @@ from eval.bench import Target
 from eval.macs import MacsError, paper_macs
 from eval.macs_protocol import VOCAB_SIZE
 from eval.macs_table import millions
+from lite.files import write_text
 from lite.models.factory import build_arch
 from lite.modules import CAUSAL_MIXERS
 
@@ -72,12 +78,13 @@ MECHANISMS = (
     Mechanism("reformer", "Kitaev et al. 2020, Reformer (shared-QK LSH; encoder: sorted chunks; decoder: unchunked)",
               "O(t): keys/values + buckets", ("reformer_100m",)),
 )
+PRESETS = tuple(preset for m in MECHANISMS for preset in m.presets)
 
 
 def run_figures(run_dirs: Sequence[str | Path] = ()) -> dict[str, dict]:
-    """{arch: {"bleu", "latency_ms"}} from pipeline runs' ``report/summary.json``: fp32 BLEU, and the int8 ONNX
-    latency at 1 thread where the int8 model is that one (not a pruned one, which has fewer MACs). A preset in
-    several runs takes the figures of the last one given."""
+    """{arch: {"bleu", "bleu_from", "latency_ms"[, "latency_from"]}} from pipeline runs' ``report/summary.json``:
+    fp32 BLEU, and the int8 ONNX latency at 1 thread where the int8 model is that one (not a pruned one, which has
+    fewer MACs). A preset in several runs takes the figures of the last one given."""
     figures = {}
     for run_dir in run_dirs:
         figures.update(_figures(run_dir))
@@ -92,7 +99,11 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
         if kind == "fp32":
             same = summary["stages"].get(f"{family}/int8", {}).get("macs") == stage.get("macs")
             backend = summary["backends"].get(f"onnx:{family}/int8@1", {}) if same else {}
-            figures[stage["arch"]] = {"bleu": stage["bleu"], "latency_ms": backend.get("latency_ms_p50")}
+            found = {"bleu": stage["bleu"], "bleu_from": f"`{run_dir}` (`lite pipeline`)",
+                     "latency_ms": backend.get("latency_ms_p50")}
+            if found["latency_ms"] is not None:
+                found["latency_from"] = found["bleu_from"]
+            figures[stage["arch"]] = found
     return figures
 
 
@@ -102,7 +113,7 @@ def preset_macs(preset: str) -> int:
 
 
 def eval_figures(eval_jsons: Sequence[str | Path]) -> dict[str, dict]:
-    """{arch: {"bleu"}} from ``lite eval --checkpoint`` results, by the checkpoint's arch; one whose MACs are not its
+    """{arch: {"bleu", "bleu_from"}} from ``lite eval --checkpoint`` results, by the checkpoint's arch; one whose MACs are not its
     preset's (pruned, or trained with other widths) is left out with a warning. The last one given wins."""
     from lite.checkpoint import load_model
 
@@ -121,7 +132,7 @@ def eval_figures(eval_jsons: Sequence[str | Path]) -> dict[str, dict]:
             logger.warning(f"{path}: {millions(macs)} MACs, not {arch}'s {millions(preset_macs(arch))} (pruned?): "
                            "left out of the table")
             continue
-        figures[arch] = {"bleu": result["bleu"], "latency_ms": None}
+        figures[arch] = {"bleu": result["bleu"], "bleu_from": f"`{path}` (`lite eval --checkpoint`)"}
     return figures
 
 
@@ -158,13 +169,51 @@ def bench_latencies(bench_json: str | Path) -> dict[str, float]:
     return latencies
 
 
+def read_record(path: str | Path) -> dict[str, dict]:
+    """{arch: {"bleu", "bleu_from", "latency_ms", "latency_from"}} kept in a record; {} before its first table."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))["presets"]
+        unknown = sorted(set(record) - set(PRESETS))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise MacsError(f"{path}: not a record of `lite macs --mechanisms --record` ({type(e).__name__}: {e})")
+    if unknown:
+        raise MacsError(f"{path}: no such 100M preset: {', '.join(unknown)} (presets: {', '.join(PRESETS)})")
+    return record
+
+
+def _merged(kept: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
+    """The record's figures, each replaced by a new one where there is one, with the run it came from."""
+    figures = {arch: dict(found) for arch, found in kept.items()}
+    for arch, found in new.items():
+        for field in ("bleu", "latency_ms"):
+            if found.get(field) is not None:
+                source = "bleu_from" if field == "bleu" else "latency_from"
+                figures.setdefault(arch, {}).update({field: found[field], source: found[source]})
+    return {arch: figures[arch] for arch in PRESETS if arch in figures}
+
+
+def _sources(figures: dict[str, dict], field: str, source: str) -> str:
+    """'`run` (`tool`) for `a`, `b`; ...': which run gave which presets' figure."""
+    presets = defaultdict(list)
+    for arch, found in figures.items():
+        if found.get(field) is not None:
+            presets[found[source]].append(f"`{arch}`")
+    return "; ".join(f"{run} for {', '.join(archs)}" for run, archs in presets.items())
+
+
 def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path | None = None,
-                   eval_jsons: Sequence[str | Path] = ()) -> str:
-    figures = {**run_figures(run_dirs), **eval_figures(eval_jsons)}
-    if bench_json is not None:  # every latency from this one run
-        latencies = bench_latencies(bench_json)
-        figures = {arch: {**figures.get(arch, {}), "latency_ms": latencies.get(arch)}
-                   for arch in {*figures, *latencies}}
+                   eval_jsons: Sequence[str | Path] = (), record: str | Path | None = None) -> str:
+    new = {**run_figures(run_dirs), **eval_figures(eval_jsons)}
+    if bench_json is not None:  # every latency it has from this one run
+        new = {arch: {"bleu": found["bleu"], "bleu_from": found["bleu_from"]} for arch, found in new.items()}
+        for arch, latency in bench_latencies(bench_json).items():
+            new.setdefault(arch, {}).update(latency_ms=latency, latency_from=f"`{bench_json}` (one `lite bench` run)")
+    figures = _merged(read_record(record) if record else {}, new)
+    if record:
+        write_text(record, json.dumps({"presets": figures}, indent=1, ensure_ascii=False) + "\n")
     rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | "
             "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|"]
     for m in MECHANISMS:
@@ -176,13 +225,12 @@ def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path |
             bleu, latency = "–" if bleu is None else f"{bleu:.2f}", "–" if latency is None else f"{latency:.1f}"
             rows.append(f"| `{m.mixer}` | {m.paper} | yes | {decoder} | {m.state or '–'} | "
                         f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | {bleu} | {latency} |")
-    runs = ", ".join(f"`{d}`" for d in run_dirs)
-    source = f" BLEU{'' if bench_json else ' and latency'} from {runs} (`lite pipeline`)." if run_dirs else ""
-    if eval_jsons:
-        source += f" BLEU from {', '.join(f'`{e}`' for e in eval_jsons)} (`lite eval --checkpoint`)."
-    if bench_json is not None:
-        source += f" Latency from `{bench_json}` (one `lite bench` run)."
+    source = "".join(f" {what} from {sources}." for what, sources in (
+        ("BLEU", _sources(figures, "bleu", "bleu_from")),
+        ("Latency", _sources(figures, "latency_ms", "latency_from"))) if sources)
+    if record:
+        source += f" Kept in `{record}`."
     note = ("\nMACs: the paper's protocol (`lite macs`). BLEU: fp32, the pipeline's test split, beam 4; latency: "
-            "int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where the run has no such model."
+            "int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where no run has such a model."
             f"{source} Generated by `lite macs --mechanisms`.")
     return "\n".join(rows) + "\n" + note

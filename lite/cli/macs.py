@@ -5,7 +5,7 @@
     lite macs --family lsra --budget 100M      # the largest embed dim whose preset fits the budget
     lite macs --markdown                        # the README table of every preset
     lite macs --mechanisms [--run-dir runs/multi30k_100m ...] [--eval EVAL.json ...] [--bench bench.json]
-                                                # the README's mixers table
+                           [--record RECORD.json]   # the README's mixers table
 
 MACs follow the Lite Transformer paper's protocol (eval/macs.py): source + target tokens, batch 1, the full
 teacher-forced decoder pass, embeddings and output projection excluded. Decode MACs: one sentence translated
@@ -26,12 +26,12 @@ def _run(args) -> int:
 
     if args.budget is not None and args.family is None:
         raise MacsError("--budget goes with --family (e.g. --family lsra --budget 100M)")
-    if (args.run_dir or args.eval or args.bench) and not args.mechanisms:
-        raise MacsError("--run-dir, --eval and --bench go with --mechanisms")
+    if (args.run_dir or args.eval or args.bench or args.record) and not args.mechanisms:
+        raise MacsError("--run-dir, --eval, --bench and --record go with --mechanisms")
     if args.mechanisms:
         from eval.mechanisms import markdown_table as mechanisms_table
 
-        print(mechanisms_table(args.run_dir or (), args.bench, args.eval or ()))
+        print(mechanisms_table(args.run_dir or (), args.bench, args.eval or (), args.record))
     elif args.markdown:
         from eval.macs_table import markdown_table
 
@@ -104,6 +104,9 @@ def register(sub) -> None:
                                                    "whose BLEU is its preset's; repeat for several, after --run-dir")
     p.add_argument("--bench", help="with --mechanisms: a `lite bench --out` file whose int8 ONNX model dirs (one "
                                     "per preset) give every latency, measured in one run")
+    p.add_argument("--record", help="with --mechanisms: a JSON file that keeps the table's figures with the run "
+                                     "each came from (created if missing): the table starts from it, the figures "
+                                     "of --run-dir/--eval/--bench replace its entries, and it is rewritten")
     p.add_argument("--budget", type=budget, help="with --family: MACs, e.g. 100M, 0.5G or 90000000")
     p.add_argument("--data", help="with --checkpoint: its data dir, when not where it was trained")
     p.add_argument("--src-len", type=positive_int, default=SRC_LEN, help="source tokens (default: %(default)s)")

@@ -4,7 +4,7 @@ import json
 
 from eval.macs import paper_macs
 from eval.macs_table import millions
-from eval.mechanisms import MECHANISMS, preset_macs, run_figures
+from eval.mechanisms import MECHANISMS, markdown_table, preset_macs, run_figures
 from lite.models.factory import build_arch
 from lite.modules import CAUSAL_MIXERS, MIXERS
 from tests.conftest import LITE, ROOT, run
@@ -60,7 +60,8 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     assert rows["`linear_100m`"].endswith("| 28.50 | – |")
     assert rows["`local_100m`"].endswith("| 33.00 | – |")  # the second run's, without its latency
     assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # only in the first
-    assert f"from `{first}`, `{second.parent}`" in out.stdout
+    assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
+            "`linear_100m`, `local_100m`.") in out.stdout
 
 
 def _bench(tmp_path, models: dict[str, tuple[str, dict | None]], results: list[tuple[str, int, float, str | None]],
@@ -142,6 +143,57 @@ def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):
     assert len(refused.stderr.strip().split("\n")) == 1
 
 
+def _rows(stdout: str) -> dict[str, str]:
+    return {line.split("|")[6].strip(): line for line in stdout.split("\n") if line.startswith("| `")}
+
+
+def test_record_keeps_each_figure_with_its_run(tmp_path):
+    """--record: the first table writes its figures down; a later one from another run only replaces what that run
+    measured, each figure naming its run, so the table regenerates once the first run dir is gone."""
+    first, record = _summary(tmp_path / "a"), tmp_path / "record.json"
+    markdown_table([first], record=record)  # in process: the presets' MACs counted once for these tests
+    kept = json.loads(record.read_text())["presets"]
+    assert kept["local_100m"] == {"bleu": 31.25, "bleu_from": f"`{first}` (`lite pipeline`)", "latency_ms": 41.27,
+                                  "latency_from": f"`{first}` (`lite pipeline`)"}
+    assert kept["lsra_100m"] == {"bleu": 30.0, "bleu_from": f"`{first}` (`lite pipeline`)"}  # its int8 is pruned
+    second = tmp_path / "b" / "report"
+    second.mkdir(parents=True)
+    (second / "summary.json").write_text(json.dumps({
+        "stages": {"local/fp32": {"bleu": 33.0, "arch": "local_100m", "macs": 98}}, "backends": {}}))
+    (first / "report" / "summary.json").unlink()  # lost
+    table = markdown_table([second.parent], record=record)
+    rows = _rows(table)
+    assert rows["`local_100m`"].endswith("| 33.00 | 41.3 |")  # the new BLEU, the kept latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")
+    assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
+            f"`local_100m`. Latency from `{first}` (`lite pipeline`) for `local_100m`. Kept in `{record}`.") in table
+    assert json.loads(record.read_text())["presets"]["local_100m"]["bleu_from"] == f"`{second.parent}` (`lite pipeline`)"
+    assert markdown_table(record=record) == table
+
+
+def test_record_takes_a_benchs_latencies_for_the_presets_it_has(tmp_path):
+    record = tmp_path / "record.json"
+    markdown_table([_summary(tmp_path / "run")], record=record)
+    bench = _bench(tmp_path / "bench", {"linear8": ("linear_100m", {"method": "ort-dynamic"})},
+                   [("linear8", 1, 9.87, None)])
+    table = markdown_table(bench_json=bench, record=record)
+    rows = _rows(table)
+    assert rows["`linear_100m`"].endswith("| – | 9.9 |")
+    assert rows["`local_100m`"].endswith("| 31.25 | 41.3 |")  # another run's: the note says which
+    assert f"`{bench}` (one `lite bench` run) for `linear_100m`" in table
+
+
+def test_a_record_that_is_not_one_is_refused_in_one_line(tmp_path):
+    record = tmp_path / "record.json"
+    for text, says in (("{not json", "not a record of `lite macs --mechanisms --record`"),
+                       ('{"presets": {"lsra_10m": {"bleu": 1.0}}}', "no such 100M preset: lsra_10m")):
+        record.write_text(text)
+        refused = run([*LITE, "macs", "--mechanisms", "--record", str(record)])
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr[-2000:]
+        assert len(refused.stderr.strip().split("\n")) == 1
+        assert record.read_text() == text  # left as it was
+
+
 def test_eval_gives_a_checkpoints_bleu_to_its_preset(workdir, trained_transformer, tmp_path):
     """--eval: a ``lite eval --checkpoint`` result's BLEU goes to the checkpoint's preset (here local_100m after one
     update); a checkpoint whose MACs are not its arch's preset (the tiny Transformer: transformer_d128 at embed 32)
@@ -163,11 +215,11 @@ def test_eval_gives_a_checkpoints_bleu_to_its_preset(workdir, trained_transforme
     assert rows["`local_100m`"].endswith("| 12.35 | – |")  # the eval's, after the run's 31.25
     assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # the run's
     assert "MACs, not transformer_d128's 86.7M (pruned?): left out" in out.stderr
-    assert f"BLEU from `{tmp_path / 'local.json'}`" in out.stdout
+    assert f"`{tmp_path / 'local.json'}` (`lite eval --checkpoint`) for `local_100m`" in out.stdout
     refused = run([*LITE, "macs", "--mechanisms", "--eval", str(tmp_path / "onnx.json")])
     assert refused.returncode == 2 and "--eval takes a checkpoint's (fp32)" in refused.stderr
 
 
 def test_run_dir_needs_mechanisms(tmp_path):
     refused = run([*LITE, "macs", "--arch", "local_100m", "--run-dir", str(tmp_path)])
-    assert refused.returncode == 2 and "--run-dir, --eval and --bench go with --mechanisms" in refused.stderr
+    assert refused.returncode == 2 and "--run-dir, --eval, --bench and --record go with --mechanisms" in refused.stderr
