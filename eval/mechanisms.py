@@ -113,8 +113,8 @@ def preset_macs(preset: str) -> int:
 
 
 def eval_figures(eval_jsons: Sequence[str | Path]) -> dict[str, dict]:
-    """{arch: {"bleu", "bleu_from"}} from ``lite eval --checkpoint`` results, by the checkpoint's arch; one whose MACs are not its
-    preset's (pruned, or trained with other widths) is left out with a warning. The last one given wins."""
+    """{arch: {"bleu", "bleu_from"}} from ``lite eval --checkpoint`` results, by the checkpoint's arch; one whose MACs
+    are not its preset's (pruned, or trained with other widths) is left out with a warning. The last one given wins."""
     from lite.checkpoint import load_model
 
     figures = {}

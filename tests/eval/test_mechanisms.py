@@ -167,7 +167,8 @@ def test_record_keeps_each_figure_with_its_run(tmp_path):
     assert rows["`lsra_100m`"].endswith("| 30.00 | – |")
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
             f"`local_100m`. Latency from `{first}` (`lite pipeline`) for `local_100m`. Kept in `{record}`.") in table
-    assert json.loads(record.read_text())["presets"]["local_100m"]["bleu_from"] == f"`{second.parent}` (`lite pipeline`)"
+    kept = json.loads(record.read_text())["presets"]
+    assert kept["local_100m"]["bleu_from"] == f"`{second.parent}` (`lite pipeline`)"
     assert markdown_table(record=record) == table
 
 
