@@ -177,6 +177,12 @@ def read_record(path: str | Path) -> dict[str, dict]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))["presets"]
         unknown = sorted(set(record) - set(PRESETS))
+        for arch, found in record.items():  # each figure a number with the run it came from
+            for field, source in (("bleu", "bleu_from"), ("latency_ms", "latency_from")):
+                if arch in unknown or field not in found:
+                    continue
+                if not (isinstance(found[field], (int, float)) and isinstance(found.get(source), str)):
+                    raise TypeError(f"{arch}: {field} {found[field]!r} from {found.get(source)!r}")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise MacsError(f"{path}: not a record of `lite macs --mechanisms --record` ({type(e).__name__}: {e})")
     if unknown:

@@ -187,7 +187,9 @@ def test_record_takes_a_benchs_latencies_for_the_presets_it_has(tmp_path):
 def test_a_record_that_is_not_one_is_refused_in_one_line(tmp_path):
     record = tmp_path / "record.json"
     for text, says in (("{not json", "not a record of `lite macs --mechanisms --record`"),
-                       ('{"presets": {"lsra_10m": {"bleu": 1.0}}}', "no such 100M preset: lsra_10m")):
+                       ('{"presets": {"lsra_10m": {"bleu": 1.0}}}', "no such 100M preset: lsra_10m"),
+                       ('{"presets": {"lsra_100m": {"bleu": "36"}}}', "lsra_100m: bleu '36' from None"),
+                       ('{"presets": {"lsra_100m": 36.0}}', "not a record")):
         record.write_text(text)
         refused = run([*LITE, "macs", "--mechanisms", "--record", str(record)])
         assert refused.returncode == 2 and says in refused.stderr, refused.stderr[-2000:]
