@@ -1,8 +1,9 @@
 """The README's table of token mixers side by side (``lite macs --mechanisms [--run-dir runs/multi30k_100m ...]
 [--eval EVAL.json ...] [--bench bench.json] [--record RECORD.json]``): paper, where each can serve, what a decoding
 step keeps, MACs at its 100M preset and, from pipeline runs (or a checkpoint's ``lite eval``), the preset's BLEU
-(fp32, the run's test split) and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50) — or, with ``--bench``,
-every latency from that one ``lite bench`` run, so that they compare with each other.
+(fp32, the run's test split), the updates its training made (what its CPU-time budget bought: machines and sittings
+differ) and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50) — or, with ``--bench``, every latency from that
+one ``lite bench`` run, so that they compare with each other.
 
 A record (``--record``) keeps the figures, each with the run it came from, beside the README: run dirs are
 machine-local and can be lost, the table's figures then still regenerate. The table starts from the record, the
@@ -24,6 +25,7 @@ from eval.bench import Target
 from eval.macs import MacsError, paper_macs
 from eval.macs_protocol import VOCAB_SIZE
 from eval.macs_table import millions
+from lite.checkpoint import read_state
 from lite.files import write_text
 from lite.models.factory import build_arch
 from lite.modules import CAUSAL_MIXERS
@@ -82,9 +84,10 @@ PRESETS = tuple(preset for m in MECHANISMS for preset in m.presets)
 
 
 def run_figures(run_dirs: Sequence[str | Path] = ()) -> dict[str, dict]:
-    """{arch: {"bleu", "bleu_from", "latency_ms"[, "latency_from"]}} from pipeline runs' ``report/summary.json``:
-    fp32 BLEU, and the int8 ONNX latency at 1 thread where the int8 model is that one (not a pruned one, which has
-    fewer MACs). A preset in several runs takes the figures of the last one given."""
+    """{arch: {"bleu", "bleu_from"[, "updates", "updates_from"][, "latency_ms", "latency_from"]}} from pipeline runs'
+    ``report/summary.json``: fp32 BLEU, the updates of its training (where its checkpoints are still there), and the
+    int8 ONNX latency at 1 thread where the int8 model is that one (not a pruned one, which has fewer MACs). A preset
+    in several runs takes the figures of the last one given."""
     figures = {}
     for run_dir in run_dirs:
         figures.update(_figures(run_dir))
@@ -100,11 +103,25 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
             same = summary["stages"].get(f"{family}/int8", {}).get("macs") == stage.get("macs")
             backend = summary["backends"].get(f"onnx:{family}/int8@1", {}) if same else {}
             found = {"bleu": stage["bleu"], "bleu_from": f"`{run_dir}` (`lite pipeline`)",
+                     "updates": trained_updates(Path(run_dir) / family / "checkpoints"),
                      "latency_ms": backend.get("latency_ms_p50")}
-            if found["latency_ms"] is not None:
-                found["latency_from"] = found["bleu_from"]
-            figures[stage["arch"]] = found
+            figures[stage["arch"]] = _with_sources(found, found["bleu_from"])
     return figures
+
+
+def trained_updates(save_dir: Path) -> int | None:
+    """The updates a training made: its last checkpoint's count (fairseq's ``optimizer_history``); None when gone."""
+    last = save_dir / "checkpoint_last.pt"
+    return read_state(last)["optimizer_history"][-1]["num_updates"] if last.is_file() else None
+
+
+FIELDS = (("bleu", "bleu_from"), ("updates", "updates_from"), ("latency_ms", "latency_from"))
+
+
+def _with_sources(found: dict, source: str) -> dict:
+    """The figures found, each with its source; those not found left out."""
+    return {key: value for field, from_ in FIELDS if found.get(field) is not None
+            for key, value in ((field, found[field]), (from_, source))}
 
 
 @lru_cache(maxsize=None)
@@ -132,7 +149,8 @@ def eval_figures(eval_jsons: Sequence[str | Path]) -> dict[str, dict]:
             logger.warning(f"{path}: {millions(macs)} MACs, not {arch}'s {millions(preset_macs(arch))} (pruned?): "
                            "left out of the table")
             continue
-        figures[arch] = {"bleu": result["bleu"], "bleu_from": f"`{path}` (`lite eval --checkpoint`)"}
+        found = {"bleu": result["bleu"], "updates": trained_updates(Path(result["checkpoint"]).parent)}
+        figures[arch] = _with_sources(found, f"`{path}` (`lite eval --checkpoint`)")
     return figures
 
 
@@ -170,7 +188,8 @@ def bench_latencies(bench_json: str | Path) -> dict[str, float]:
 
 
 def read_record(path: str | Path) -> dict[str, dict]:
-    """{arch: {"bleu", "bleu_from", "latency_ms", "latency_from"}} kept in a record; {} before its first table."""
+    """{arch: {"bleu", "bleu_from", "updates", "updates_from", "latency_ms", "latency_from"}} kept in a record (each
+    figure where it has one); {} before its first table."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -178,10 +197,11 @@ def read_record(path: str | Path) -> dict[str, dict]:
         record = json.loads(path.read_text(encoding="utf-8"))["presets"]
         unknown = sorted(set(record) - set(PRESETS))
         for arch, found in record.items():  # each figure a number with the run it came from
-            for field, source in (("bleu", "bleu_from"), ("latency_ms", "latency_from")):
+            for field, source in FIELDS:
                 if arch in unknown or field not in found:
                     continue
-                if not (isinstance(found[field], (int, float)) and isinstance(found.get(source), str)):
+                number = int if field == "updates" else (int, float)
+                if not (isinstance(found[field], number) and isinstance(found.get(source), str)):
                     raise TypeError(f"{arch}: {field} {found[field]!r} from {found.get(source)!r}")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise MacsError(f"{path}: not a record of `lite macs --mechanisms --record` ({type(e).__name__}: {e})")
@@ -194,9 +214,8 @@ def _merged(kept: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
     """The record's figures, each replaced by a new one where there is one, with the run it came from."""
     figures = {arch: dict(found) for arch, found in kept.items()}
     for arch, found in new.items():
-        for field in ("bleu", "latency_ms"):
+        for field, source in FIELDS:
             if found.get(field) is not None:
-                source = "bleu_from" if field == "bleu" else "latency_from"
                 figures.setdefault(arch, {}).update({field: found[field], source: found[source]})
     return {arch: figures[arch] for arch in PRESETS if arch in figures}
 
@@ -210,33 +229,39 @@ def _sources(figures: dict[str, dict], field: str, source: str) -> str:
     return "; ".join(f"{run} for {', '.join(archs)}" for run, archs in presets.items())
 
 
+def _shown(figure, form: str) -> str:
+    return "–" if figure is None else format(figure, form)
+
+
 def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path | None = None,
                    eval_jsons: Sequence[str | Path] = (), record: str | Path | None = None) -> str:
     new = {**run_figures(run_dirs), **eval_figures(eval_jsons)}
     if bench_json is not None:  # every latency it has from this one run
-        new = {arch: {"bleu": found["bleu"], "bleu_from": found["bleu_from"]} for arch, found in new.items()}
+        new = {arch: {k: v for k, v in found.items() if not k.startswith("latency")} for arch, found in new.items()}
         for arch, latency in bench_latencies(bench_json).items():
             new.setdefault(arch, {}).update(latency_ms=latency, latency_from=f"`{bench_json}` (one `lite bench` run)")
     figures = _merged(read_record(record) if record else {}, new)
     if record:
         write_text(record, json.dumps({"presets": figures}, indent=1, ensure_ascii=False) + "\n")
-    rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | "
-            "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|"]
+    rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | updates | "
+            "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for m in MECHANISMS:
         decoder = "yes" if m.mixer in CAUSAL_MIXERS else f"no: {m.no_decoder} (its preset's decoder: attention)"
         for preset in m.presets or ("",):
             macs = millions(preset_macs(preset)) if preset else "–"
             found = figures.get(preset, {})
-            bleu, latency = found.get("bleu"), found.get("latency_ms")
-            bleu, latency = "–" if bleu is None else f"{bleu:.2f}", "–" if latency is None else f"{latency:.1f}"
+            shown = [_shown(found.get(field), form) for field, form in (("bleu", ".2f"), ("updates", ",d"),
+                                                                         ("latency_ms", ".1f"))]
             rows.append(f"| `{m.mixer}` | {m.paper} | yes | {decoder} | {m.state or '–'} | "
-                        f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | {bleu} | {latency} |")
-    source = "".join(f" {what} from {sources}." for what, sources in (
-        ("BLEU", _sources(figures, "bleu", "bleu_from")),
-        ("Latency", _sources(figures, "latency_ms", "latency_from"))) if sources)
+                        f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | {' | '.join(shown)} |")
+    source = "".join(f" {what} from {sources}." for what, (field, from_) in zip(("BLEU", "Updates", "Latency"), FIELDS)
+                     if (sources := _sources(figures, field, from_)))
     if record:
         source += f" Kept in `{record}`."
-    note = ("\nMACs: the paper's protocol (`lite macs`). BLEU: fp32, the pipeline's test split, beam 4; latency: "
-            "int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where no run has such a model."
+    note = ("\nMACs: the paper's protocol (`lite macs`). BLEU: fp32, the pipeline's test split, beam 4; updates: "
+            "its training's in its CPU-time budget, to its last checkpoint (a CPU-minute buys more of them on a quiet "
+            "machine); "
+            "latency: int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where no run has such a "
+            "figure."
             f"{source} Generated by `lite macs --mechanisms`.")
     return "\n".join(rows) + "\n" + note

@@ -39,9 +39,9 @@ def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
     assert len(rows) == sum(max(len(m.presets), 1) for m in MECHANISMS)
     assert f"{paper_macs(build_arch('local_100m', 10_000)).total / 1e6:.1f}M" in rows["`local_100m`"]
-    assert "| 31.25 | 41.3 |" in rows["`local_100m`"]  # fp32 BLEU, int8 latency at 1 thread
-    assert rows["`strided_100m`"].endswith("| – | – |")  # not in the run
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # its int8 is another (pruned) model
+    assert rows["`local_100m`"].endswith("| 31.25 | – | 41.3 |")  # fp32 BLEU, int8 latency at 1 thread
+    assert rows["`strided_100m`"].endswith("| – | – | – |")  # not in the run
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")  # its int8 is another (pruned) model
     assert "| no: the length projection mixes every position (its preset's decoder: attention) |" in rows[
         "`linformer_100m`"]
     assert "| yes | yes |" in rows["`local_100m`"]
@@ -57,9 +57,9 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(first), "--run-dir", str(second.parent)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`linear_100m`"].endswith("| 28.50 | – |")
-    assert rows["`local_100m`"].endswith("| 33.00 | – |")  # the second run's, without its latency
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # only in the first
+    assert rows["`linear_100m`"].endswith("| 28.50 | – | – |")
+    assert rows["`local_100m`"].endswith("| 33.00 | – | – |")  # the second run's, without its latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")  # only in the first
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
             "`linear_100m`, `local_100m`.") in out.stdout
 
@@ -95,10 +95,10 @@ def test_bench_gives_every_latency_from_one_run(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")), "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`local_100m`"].endswith("| 31.25 | 12.3 |")  # the run's BLEU, the bench's int8 latency
-    assert rows["`linear_100m`"].endswith("| – | 9.9 |")  # only benched
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")
-    assert rows["`strided_100m`"].endswith("| – | – |")  # its bench target failed
+    assert rows["`local_100m`"].endswith("| 31.25 | – | 12.3 |")  # the run's BLEU, the bench's int8 latency
+    assert rows["`linear_100m`"].endswith("| – | – | 9.9 |")  # only benched
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")
+    assert rows["`strided_100m`"].endswith("| – | – | – |")  # its bench target failed
     assert f"Latency from `{bench}` (one `lite bench` run)" in out.stdout
 
 
@@ -118,7 +118,7 @@ def test_bench_leaves_out_a_pruned_dir_and_refuses_one_without_macs(tmp_path):
                    [("local8", 1, 12.0, None), ("pruned8", 1, 5.0, None)], macs={"pruned8": 80_000_000})
     out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | 12.0 |")
+    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | – | 12.0 |")
     assert f"pruned8: 80.0M MACs, not local_100m's {millions(preset_macs('local_100m'))}" in out.stderr
     bench = _bench(tmp_path / "b", {"old8": ("local_100m", {"method": "ort-dynamic"})}, [("old8", 1, 1.0, None)],
                    macs={"old8": None})
@@ -136,7 +136,7 @@ def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):
     bench.write_text(json.dumps(document))
     out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | 1.0 |")
+    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | – | 1.0 |")
     (tmp_path / "a" / "model.json").unlink()
     refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert refused.returncode == 2 and "holds no model.json (moved or deleted?)" in refused.stderr
@@ -163,8 +163,8 @@ def test_record_keeps_each_figure_with_its_run(tmp_path):
     (first / "report" / "summary.json").unlink()  # lost
     table = markdown_table([second.parent], record=record)
     rows = _rows(table)
-    assert rows["`local_100m`"].endswith("| 33.00 | 41.3 |")  # the new BLEU, the kept latency
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")
+    assert rows["`local_100m`"].endswith("| 33.00 | – | 41.3 |")  # the new BLEU, the kept latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
             f"`local_100m`. Latency from `{first}` (`lite pipeline`) for `local_100m`. Kept in `{record}`.") in table
     kept = json.loads(record.read_text())["presets"]
@@ -179,9 +179,29 @@ def test_record_takes_a_benchs_latencies_for_the_presets_it_has(tmp_path):
                    [("linear8", 1, 9.87, None)])
     table = markdown_table(bench_json=bench, record=record)
     rows = _rows(table)
-    assert rows["`linear_100m`"].endswith("| – | 9.9 |")
-    assert rows["`local_100m`"].endswith("| 31.25 | 41.3 |")  # another run's: the note says which
+    assert rows["`linear_100m`"].endswith("| – | – | 9.9 |")
+    assert rows["`local_100m`"].endswith("| 31.25 | – | 41.3 |")  # another run's: the note says which
     assert f"`{bench}` (one `lite bench` run) for `linear_100m`" in table
+
+
+def test_updates_come_from_the_runs_last_checkpoint_and_stay_in_the_record(tmp_path):
+    """What the CPU-time budget bought: the last checkpoint's update count, kept beside the BLEU; a bench given with
+    the run replaces the latency only."""
+    import torch
+
+    run_dir, record = _summary(tmp_path / "run"), tmp_path / "record.json"
+    (run_dir / "local" / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "optimizer_history": [{"num_updates": 1800}, {"num_updates": 2025}]},
+               run_dir / "local" / "checkpoints" / "checkpoint_last.pt")
+    bench = _bench(tmp_path / "bench", {"local8": ("local_100m", {"method": "ort-dynamic"})},
+                   [("local8", 1, 12.34, None)])
+    table = markdown_table([run_dir], bench_json=bench, record=record)
+    assert _rows(table)["`local_100m`"].endswith("| 31.25 | 2,025 | 12.3 |")
+    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – |")  # its checkpoints are not there
+    assert f"Updates from `{run_dir}` (`lite pipeline`) for `local_100m`." in table
+    kept = json.loads(record.read_text())["presets"]["local_100m"]
+    assert (kept["updates"], kept["updates_from"]) == (2025, f"`{run_dir}` (`lite pipeline`)")
+    assert markdown_table(record=record) == table
 
 
 def test_a_record_that_is_not_one_is_refused_in_one_line(tmp_path):
@@ -189,6 +209,9 @@ def test_a_record_that_is_not_one_is_refused_in_one_line(tmp_path):
     for text, says in (("{not json", "not a record of `lite macs --mechanisms --record`"),
                        ('{"presets": {"lsra_10m": {"bleu": 1.0}}}', "no such 100M preset: lsra_10m"),
                        ('{"presets": {"lsra_100m": {"bleu": "36"}}}', "lsra_100m: bleu '36' from None"),
+                       ('{"presets": {"lsra_100m": {"updates": 1400}}}', "lsra_100m: updates 1400 from None"),
+                       ('{"presets": {"lsra_100m": {"updates": 1400.5, "updates_from": "a run"}}}',
+                        "lsra_100m: updates 1400.5 from 'a run'"),
                        ('{"presets": {"lsra_100m": 36.0}}', "not a record")):
         record.write_text(text)
         refused = run([*LITE, "macs", "--mechanisms", "--record", str(record)])
@@ -215,8 +238,8 @@ def test_eval_gives_a_checkpoints_bleu_to_its_preset(workdir, trained_transforme
                "--eval", str(tmp_path / "local.json"), "--eval", str(tmp_path / "tiny.json")])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`local_100m`"].endswith("| 12.35 | – |")  # the eval's, after the run's 31.25
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – |")  # the run's
+    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – |")  # the eval's, after the run's 31.25; its one update
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")  # the run's
     assert "MACs, not transformer_d128's 86.7M (pruned?): left out" in out.stderr
     assert f"`{tmp_path / 'local.json'}` (`lite eval --checkpoint`) for `local_100m`" in out.stdout
     refused = run([*LITE, "macs", "--mechanisms", "--eval", str(tmp_path / "onnx.json")])
