@@ -184,15 +184,16 @@ def test_record_takes_a_benchs_latencies_for_the_presets_it_has(tmp_path):
     assert f"`{bench}` (one `lite bench` run) for `linear_100m`" in table
 
 
-def test_updates_come_from_the_runs_last_checkpoint_and_stay_in_the_record(tmp_path):
-    """What the CPU-time budget bought: the last checkpoint's update count, kept beside the BLEU; a bench given with
-    the run replaces the latency only."""
+def test_updates_come_from_the_checkpoint_of_the_bleu_and_stay_in_the_record(tmp_path):
+    """What the CPU-time budget bought: the update count of the checkpoint the BLEU is from (the best one), kept
+    beside the BLEU; a bench given with the run replaces the latency only."""
     import torch
 
     run_dir, record = _summary(tmp_path / "run"), tmp_path / "record.json"
     (run_dir / "local" / "checkpoints").mkdir(parents=True)
-    torch.save({"model": {}, "optimizer_history": [{"num_updates": 1800}, {"num_updates": 2025}]},
-               run_dir / "local" / "checkpoints" / "checkpoint_last.pt")
+    for name, updates in (("best", 2025), ("last", 2100)):  # the BLEU is the best one's
+        torch.save({"model": {}, "optimizer_history": [{"num_updates": 1800}, {"num_updates": updates}]},
+                   run_dir / "local" / "checkpoints" / f"checkpoint_{name}.pt")
     bench = _bench(tmp_path / "bench", {"local8": ("local_100m", {"method": "ort-dynamic"})},
                    [("local8", 1, 12.34, None)])
     table = markdown_table([run_dir], bench_json=bench, record=record)
