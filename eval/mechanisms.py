@@ -210,9 +210,12 @@ def read_record(path: str | Path) -> dict[str, dict]:
 
 
 def _merged(kept: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
-    """The record's figures, each replaced by a new one where there is one, with the run it came from."""
+    """The record's figures, each replaced by a new one where there is one, with the run it came from; a new BLEU
+    takes the record's updates away with the old BLEU (they are its checkpoint's)."""
     figures = {arch: dict(found) for arch, found in kept.items()}
     for arch, found in new.items():
+        if found.get("bleu") is not None and arch in figures:
+            figures[arch] = {k: v for k, v in figures[arch].items() if not k.startswith("updates")}
         for field, source in FIELDS:
             if found.get(field) is not None:
                 figures.setdefault(arch, {}).update({field: found[field], source: found[source]})

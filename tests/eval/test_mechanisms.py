@@ -203,6 +203,9 @@ def test_updates_come_from_the_checkpoint_of_the_bleu_and_stay_in_the_record(tmp
     kept = json.loads(record.read_text())["presets"]["local_100m"]
     assert (kept["updates"], kept["updates_from"]) == (2025, f"`{run_dir}` (`lite pipeline`)")
     assert markdown_table(record=record) == table
+    rerun = _summary(tmp_path / "rerun")  # a new BLEU whose checkpoint is gone: the old updates go with the old BLEU
+    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | 41.3 |")
+    assert "updates" not in json.loads(record.read_text())["presets"]["local_100m"]
 
 
 def test_a_record_that_is_not_one_is_refused_in_one_line(tmp_path):
