@@ -1,9 +1,10 @@
 """The README's table of token mixers side by side (``lite macs --mechanisms [--run-dir runs/multi30k_100m ...]
-[--eval EVAL.json ...] [--bench bench.json] [--record RECORD.json]``): paper, where each can serve, what a decoding
-step keeps, MACs at its 100M preset and, from pipeline runs (or a checkpoint's ``lite eval``), the preset's BLEU
-(fp32, the run's test split), the updates of the checkpoint it is from (what its CPU-time budget bought: machines
-and sittings differ) and its int8 ONNX latency at 1 thread (batch 1, beam 4, p50) — or, with ``--bench``, every
-latency from that one ``lite bench`` run, so that they compare with each other.
+[--eval EVAL.json ...] [--eval-2000 EVAL.json ...] [--bench bench.json] [--record RECORD.json]``): paper, where each
+can serve, what a decoding step keeps, MACs at its 100M preset and, from pipeline runs (or a checkpoint's ``lite
+eval``), the preset's BLEU (fp32, the run's test split), the updates of the checkpoint it is from (what its CPU-time
+budget bought: machines and sittings differ), the BLEU of the run's checkpoint at 2,000 updates (``--eval-2000``:
+what ranks runs whose sittings bought different counts) and its int8 ONNX latency at 1 thread (batch 1, beam 4,
+p50) — or, with ``--bench``, every latency from that one ``lite bench`` run, so that they compare with each other.
 
 A record (``--record``) keeps the figures, each with the run it came from, beside the README: run dirs are
 machine-local and can be lost, the table's figures then still regenerate. The table starts from the record, the
@@ -114,7 +115,11 @@ def checkpoint_updates(checkpoint: Path) -> int | None:
     return read_state(checkpoint)["optimizer_history"][-1]["num_updates"] if checkpoint.is_file() else None
 
 
-FIELDS = (("bleu", "bleu_from"), ("updates", "updates_from"), ("latency_ms", "latency_from"))
+FIXED_UPDATES = 2_000  # the count at which every preset's checkpoint is also compared (a CPU-minute's worth of
+# updates moves with the machine's load; the inverse-sqrt learning rate follows the update count alone)
+FIELDS = (("bleu", "bleu_from"), ("updates", "updates_from"), ("bleu_fixed", "bleu_fixed_from"),
+          ("latency_ms", "latency_from"))
+TRAINING_FIELDS = ("updates", "bleu_fixed")  # a training's figures besides its BLEU: a new BLEU takes them away
 
 
 def _with_sources(found: dict, source: str) -> dict:
@@ -128,27 +133,35 @@ def preset_macs(preset: str) -> int:
     return paper_macs(build_arch(preset, VOCAB_SIZE)).total
 
 
-def eval_figures(eval_jsons: Sequence[str | Path]) -> dict[str, dict]:
-    """{arch: {"bleu", "bleu_from"}} from ``lite eval --checkpoint`` results, by the checkpoint's arch; one whose MACs
-    are not its preset's (pruned, or trained with other widths) is left out with a warning. The last one given wins."""
+def eval_figures(eval_jsons: Sequence[str | Path], fixed: bool = False) -> dict[str, dict]:
+    """{arch: {"bleu", "bleu_from"[, "updates", "updates_from"]}} from ``lite eval --checkpoint`` results, by the
+    checkpoint's arch; with ``fixed``, {arch: {"bleu_fixed", "bleu_fixed_from"}} from checkpoints at FIXED_UPDATES
+    (any other count refused). One whose MACs are not its preset's (pruned, or trained with other widths) is left
+    out with a warning. The last one given wins."""
     from lite.checkpoint import load_model
 
+    flag = "--eval-2000" if fixed else "--eval"
     figures = {}
     for path in eval_jsons:
         result = json.loads(Path(path).read_text(encoding="utf-8"))
         if result.get("backend") != "torch":
-            raise MacsError(f"{path}: a {result.get('backend')} result; --eval takes a checkpoint's (fp32) "
+            raise MacsError(f"{path}: a {result.get('backend')} result; {flag} takes a checkpoint's (fp32) "
                             "`lite eval --checkpoint` result")
-        if not Path(result["checkpoint"]).is_file():
-            raise MacsError(f"{path}: its checkpoint {result['checkpoint']} is gone (moved or deleted?): its preset "
+        checkpoint = Path(result["checkpoint"])
+        if not checkpoint.is_file():
+            raise MacsError(f"{path}: its checkpoint {checkpoint} is gone (moved or deleted?): its preset "
                             "cannot be told")
-        model, _ = load_model(result["checkpoint"])
+        updates = checkpoint_updates(checkpoint)
+        if fixed and updates != FIXED_UPDATES:
+            raise MacsError(f"{path}: its checkpoint {checkpoint} was trained for {updates:,} updates; {flag} takes "
+                            f"one at {FIXED_UPDATES:,} (a run keeps checkpoint_E_{FIXED_UPDATES}.pt)")
+        model, _ = load_model(checkpoint)
         arch, macs = model.args.arch, paper_macs(model).total
         if macs != preset_macs(arch):
             logger.warning(f"{path}: {millions(macs)} MACs, not {arch}'s {millions(preset_macs(arch))} (pruned?): "
                            "left out of the table")
             continue
-        found = {"bleu": result["bleu"], "updates": checkpoint_updates(Path(result["checkpoint"]))}
+        found = {"bleu_fixed": result["bleu"]} if fixed else {"bleu": result["bleu"], "updates": updates}
         figures[arch] = _with_sources(found, f"`{path}` (`lite eval --checkpoint`)")
     return figures
 
@@ -211,11 +224,11 @@ def read_record(path: str | Path) -> dict[str, dict]:
 
 def _merged(kept: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
     """The record's figures, each replaced by a new one where there is one, with the run it came from; a new BLEU
-    takes the record's updates away with the old BLEU (they are its checkpoint's)."""
+    takes the record's updates and BLEU at FIXED_UPDATES away with the old BLEU (they are its training's)."""
     figures = {arch: dict(found) for arch, found in kept.items()}
     for arch, found in new.items():
         if found.get("bleu") is not None and arch in figures:
-            figures[arch] = {k: v for k, v in figures[arch].items() if not k.startswith("updates")}
+            figures[arch] = {k: v for k, v in figures[arch].items() if not k.startswith(TRAINING_FIELDS)}
         for field, source in FIELDS:
             if found.get(field) is not None:
                 figures.setdefault(arch, {}).update({field: found[field], source: found[source]})
@@ -236,8 +249,11 @@ def _shown(figure, form: str) -> str:
 
 
 def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path | None = None,
-                   eval_jsons: Sequence[str | Path] = (), record: str | Path | None = None) -> str:
+                   eval_jsons: Sequence[str | Path] = (), record: str | Path | None = None,
+                   fixed_eval_jsons: Sequence[str | Path] = ()) -> str:
     new = {**run_figures(run_dirs), **eval_figures(eval_jsons)}
+    for arch, found in eval_figures(fixed_eval_jsons, fixed=True).items():
+        new.setdefault(arch, {}).update(found)
     if bench_json is not None:  # every latency it has from this one run
         new = {arch: {k: v for k, v in found.items() if not k.startswith("latency")} for arch, found in new.items()}
         for arch, latency in bench_latencies(bench_json).items():
@@ -246,23 +262,26 @@ def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path |
     if record:
         write_text(record, json.dumps({"presets": figures}, indent=1, ensure_ascii=False) + "\n")
     rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | updates | "
-            "int8 ms/sentence |", "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+            f"BLEU at {FIXED_UPDATES:,} updates | int8 ms/sentence |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for m in MECHANISMS:
         decoder = "yes" if m.mixer in CAUSAL_MIXERS else f"no: {m.no_decoder} (its preset's decoder: attention)"
         for preset in m.presets or ("",):
             macs = millions(preset_macs(preset)) if preset else "–"
             found = figures.get(preset, {})
             shown = [_shown(found.get(field), form) for field, form in (("bleu", ".2f"), ("updates", ",d"),
-                                                                         ("latency_ms", ".1f"))]
+                                                                         ("bleu_fixed", ".2f"), ("latency_ms", ".1f"))]
             rows.append(f"| `{m.mixer}` | {m.paper} | yes | {decoder} | {m.state or '–'} | "
                         f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | {' | '.join(shown)} |")
-    source = "".join(f" {what} from {sources}." for what, (field, from_) in zip(("BLEU", "Updates", "Latency"), FIELDS)
+    names = ("BLEU", "Updates", f"BLEU at {FIXED_UPDATES:,} updates", "Latency")
+    source = "".join(f" {what} from {sources}." for what, (field, from_) in zip(names, FIELDS)
                      if (sources := _sources(figures, field, from_)))
     if record:
         source += f" Kept in `{record}`."
     note = ("\nMACs: the paper's protocol (`lite macs`). BLEU: fp32, the pipeline's test split, beam 4; updates: "
             "those of the checkpoint the BLEU is from, in a pipeline run its best-valid one within its CPU-time budget "
-            "(a CPU-minute buys more of them on a quiet machine); "
+            f"(a CPU-minute buys more of them on a quiet machine); BLEU at {FIXED_UPDATES:,} updates: the same run's "
+            "checkpoint at that count, which ranks runs from sittings whose CPU-minutes bought different counts; "
             "latency: int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where no run has such a "
             "figure."
             f"{source} Generated by `lite macs --mechanisms`.")

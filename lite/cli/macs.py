@@ -4,8 +4,8 @@
     lite macs --checkpoint runs/x/checkpoints/checkpoint_best.pt [--data DIR]
     lite macs --family lsra --budget 100M      # the largest embed dim whose preset fits the budget
     lite macs --markdown                        # the README table of every preset
-    lite macs --mechanisms [--run-dir runs/multi30k_100m ...] [--eval EVAL.json ...] [--bench bench.json]
-                           [--record RECORD.json]   # the README's mixers table
+    lite macs --mechanisms [--run-dir runs/multi30k_100m ...] [--eval EVAL.json ...] [--eval-2000 EVAL.json ...]
+                           [--bench bench.json] [--record RECORD.json]   # the README's mixers table
 
 MACs follow the Lite Transformer paper's protocol (eval/macs.py): source + target tokens, batch 1, the full
 teacher-forced decoder pass, embeddings and output projection excluded. Decode MACs: one sentence translated
@@ -26,12 +26,12 @@ def _run(args) -> int:
 
     if args.budget is not None and args.family is None:
         raise MacsError("--budget goes with --family (e.g. --family lsra --budget 100M)")
-    if (args.run_dir or args.eval or args.bench or args.record) and not args.mechanisms:
-        raise MacsError("--run-dir, --eval, --bench and --record go with --mechanisms")
+    if (args.run_dir or args.eval or args.eval_2000 or args.bench or args.record) and not args.mechanisms:
+        raise MacsError("--run-dir, --eval, --eval-2000, --bench and --record go with --mechanisms")
     if args.mechanisms:
         from eval.mechanisms import markdown_table as mechanisms_table
 
-        print(mechanisms_table(args.run_dir or (), args.bench, args.eval or (), args.record))
+        print(mechanisms_table(args.run_dir or (), args.bench, args.eval or (), args.record, args.eval_2000 or ()))
     elif args.markdown:
         from eval.macs_table import markdown_table
 
@@ -102,6 +102,9 @@ def register(sub) -> None:
                                                       "one given wins for a preset in more than one")
     p.add_argument("--eval", action="append", help="with --mechanisms: a `lite eval --checkpoint` result (its JSON) "
                                                    "whose BLEU is its preset's; repeat for several, after --run-dir")
+    p.add_argument("--eval-2000", action="append",
+                   help="with --mechanisms: a `lite eval --checkpoint` result of a checkpoint at 2,000 updates (a "
+                        "run's checkpoint_E_2000.pt): its preset's BLEU at 2,000 updates; repeat for several")
     p.add_argument("--bench", help="with --mechanisms: a `lite bench --out` file whose int8 ONNX model dirs (one "
                                     "per preset) give every latency, measured in one run")
     p.add_argument("--record", help="with --mechanisms: a JSON file that keeps the table's figures with the run "

@@ -2,6 +2,8 @@
 the preset, and the CLI."""
 import json
 
+import pytest
+
 from eval.macs import paper_macs
 from eval.macs_table import millions
 from eval.mechanisms import MECHANISMS, markdown_table, preset_macs, run_figures
@@ -39,9 +41,9 @@ def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
     assert len(rows) == sum(max(len(m.presets), 1) for m in MECHANISMS)
     assert f"{paper_macs(build_arch('local_100m', 10_000)).total / 1e6:.1f}M" in rows["`local_100m`"]
-    assert rows["`local_100m`"].endswith("| 31.25 | – | 41.3 |")  # fp32 BLEU, int8 latency at 1 thread
-    assert rows["`strided_100m`"].endswith("| – | – | – |")  # not in the run
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")  # its int8 is another (pruned) model
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")  # fp32 BLEU, int8 latency at 1 thread
+    assert rows["`strided_100m`"].endswith("| – | – | – | – |")  # not in the run
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # its int8 is another (pruned) model
     assert "| no: the length projection mixes every position (its preset's decoder: attention) |" in rows[
         "`linformer_100m`"]
     assert "| yes | yes |" in rows["`local_100m`"]
@@ -57,9 +59,9 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(first), "--run-dir", str(second.parent)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`linear_100m`"].endswith("| 28.50 | – | – |")
-    assert rows["`local_100m`"].endswith("| 33.00 | – | – |")  # the second run's, without its latency
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")  # only in the first
+    assert rows["`linear_100m`"].endswith("| 28.50 | – | – | – |")
+    assert rows["`local_100m`"].endswith("| 33.00 | – | – | – |")  # the second run's, without its latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # only in the first
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
             "`linear_100m`, `local_100m`.") in out.stdout
 
@@ -95,10 +97,10 @@ def test_bench_gives_every_latency_from_one_run(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")), "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`local_100m`"].endswith("| 31.25 | – | 12.3 |")  # the run's BLEU, the bench's int8 latency
-    assert rows["`linear_100m`"].endswith("| – | – | 9.9 |")  # only benched
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")
-    assert rows["`strided_100m`"].endswith("| – | – | – |")  # its bench target failed
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 12.3 |")  # the run's BLEU, the bench's int8 latency
+    assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 |")  # only benched
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")
+    assert rows["`strided_100m`"].endswith("| – | – | – | – |")  # its bench target failed
     assert f"Latency from `{bench}` (one `lite bench` run)" in out.stdout
 
 
@@ -118,7 +120,7 @@ def test_bench_leaves_out_a_pruned_dir_and_refuses_one_without_macs(tmp_path):
                    [("local8", 1, 12.0, None), ("pruned8", 1, 5.0, None)], macs={"pruned8": 80_000_000})
     out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | – | 12.0 |")
+    assert _rows(out.stdout)["`local_100m`"].endswith("| – | – | – | 12.0 |")
     assert f"pruned8: 80.0M MACs, not local_100m's {millions(preset_macs('local_100m'))}" in out.stderr
     bench = _bench(tmp_path / "b", {"old8": ("local_100m", {"method": "ort-dynamic"})}, [("old8", 1, 1.0, None)],
                    macs={"old8": None})
@@ -136,7 +138,7 @@ def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):
     bench.write_text(json.dumps(document))
     out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert next(line for line in out.stdout.split("\n") if "`local_100m`" in line).endswith("| – | – | 1.0 |")
+    assert _rows(out.stdout)["`local_100m`"].endswith("| – | – | – | 1.0 |")
     (tmp_path / "a" / "model.json").unlink()
     refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert refused.returncode == 2 and "holds no model.json (moved or deleted?)" in refused.stderr
@@ -163,8 +165,8 @@ def test_record_keeps_each_figure_with_its_run(tmp_path):
     (first / "report" / "summary.json").unlink()  # lost
     table = markdown_table([second.parent], record=record)
     rows = _rows(table)
-    assert rows["`local_100m`"].endswith("| 33.00 | – | 41.3 |")  # the new BLEU, the kept latency
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")
+    assert rows["`local_100m`"].endswith("| 33.00 | – | – | 41.3 |")  # the new BLEU, the kept latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
             f"`local_100m`. Latency from `{first}` (`lite pipeline`) for `local_100m`. Kept in `{record}`.") in table
     kept = json.loads(record.read_text())["presets"]
@@ -179,8 +181,8 @@ def test_record_takes_a_benchs_latencies_for_the_presets_it_has(tmp_path):
                    [("linear8", 1, 9.87, None)])
     table = markdown_table(bench_json=bench, record=record)
     rows = _rows(table)
-    assert rows["`linear_100m`"].endswith("| – | – | 9.9 |")
-    assert rows["`local_100m`"].endswith("| 31.25 | – | 41.3 |")  # another run's: the note says which
+    assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 |")
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")  # another run's: the note says which
     assert f"`{bench}` (one `lite bench` run) for `linear_100m`" in table
 
 
@@ -197,14 +199,14 @@ def test_updates_come_from_the_checkpoint_of_the_bleu_and_stay_in_the_record(tmp
     bench = _bench(tmp_path / "bench", {"local8": ("local_100m", {"method": "ort-dynamic"})},
                    [("local8", 1, 12.34, None)])
     table = markdown_table([run_dir], bench_json=bench, record=record)
-    assert _rows(table)["`local_100m`"].endswith("| 31.25 | 2,025 | 12.3 |")
-    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – |")  # its checkpoints are not there
+    assert _rows(table)["`local_100m`"].endswith("| 31.25 | 2,025 | – | 12.3 |")
+    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # its checkpoints are not there
     assert f"Updates from `{run_dir}` (`lite pipeline`) for `local_100m`." in table
     kept = json.loads(record.read_text())["presets"]["local_100m"]
     assert (kept["updates"], kept["updates_from"]) == (2025, f"`{run_dir}` (`lite pipeline`)")
     assert markdown_table(record=record) == table
     rerun = _summary(tmp_path / "rerun")  # a new BLEU whose checkpoint is gone: the old updates go with the old BLEU
-    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | 41.3 |")
+    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")
     assert "updates" not in json.loads(record.read_text())["presets"]["local_100m"]
 
 
@@ -224,32 +226,71 @@ def test_a_record_that_is_not_one_is_refused_in_one_line(tmp_path):
         assert record.read_text() == text  # left as it was
 
 
-def test_eval_gives_a_checkpoints_bleu_to_its_preset(workdir, trained_transformer, tmp_path):
-    """--eval: a ``lite eval --checkpoint`` result's BLEU goes to the checkpoint's preset (here local_100m after one
-    update); a checkpoint whose MACs are not its arch's preset (the tiny Transformer: transformer_d128 at embed 32)
-    is left out with a warning; an ONNX result is refused."""
+@pytest.fixture(scope="module")
+def local_checkpoint(workdir, tmp_path_factory):
+    """A real local_100m checkpoint after one update."""
     from lite.train import load_config, train
 
+    save_dir = tmp_path_factory.mktemp("local")
     config = load_config(ROOT / "configs/models/local/100m.yaml",
-                         [f"data={workdir / 'data'}", f"save_dir={tmp_path / 'local'}", "max_update=1"])
+                         [f"data={workdir / 'data'}", f"save_dir={save_dir}", "max_update=1"])
     assert train(config) == 0
-    results = {"local": (tmp_path / "local" / "checkpoint_best.pt", "torch", 12.345),
-               "tiny": (trained_transformer, "torch", 20.0), "onnx": (trained_transformer, "onnx", 1.0)}
+    return save_dir / "checkpoint_best.pt"
+
+
+def _eval_results(tmp_path, results: dict[str, tuple]) -> None:
+    """``lite eval --checkpoint`` results {name: (checkpoint, backend, bleu)} as tmp_path/<name>.json."""
     for name, (checkpoint, backend, bleu) in results.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "backend": backend,
                                                            "bleu": bleu}))
+
+
+def test_eval_gives_a_checkpoints_bleu_to_its_preset(local_checkpoint, trained_transformer, tmp_path):
+    """--eval: a ``lite eval --checkpoint`` result's BLEU goes to the checkpoint's preset (here local_100m after one
+    update); a checkpoint whose MACs are not its arch's preset (the tiny Transformer: transformer_d128 at embed 32)
+    is left out with a warning; an ONNX result is refused."""
+    _eval_results(tmp_path, {"local": (local_checkpoint, "torch", 12.345),
+                             "tiny": (trained_transformer, "torch", 20.0), "onnx": (trained_transformer, "onnx", 1.0)})
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")),
                "--eval", str(tmp_path / "local.json"), "--eval", str(tmp_path / "tiny.json")])
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – |")  # the eval's, after the run's 31.25; its one update
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – |")  # the run's
+    rows = _rows(out.stdout)
+    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – | – |")  # the eval's, not the run's 31.25; one update
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # the run's
     assert "MACs, not transformer_d128's 86.7M (pruned?): left out" in out.stderr
     assert f"`{tmp_path / 'local.json'}` (`lite eval --checkpoint`) for `local_100m`" in out.stdout
     refused = run([*LITE, "macs", "--mechanisms", "--eval", str(tmp_path / "onnx.json")])
     assert refused.returncode == 2 and "--eval takes a checkpoint's (fp32)" in refused.stderr
 
 
+def test_eval_2000_gives_the_bleu_at_2000_updates_beside_the_runs(local_checkpoint, tmp_path):
+    """--eval-2000: the BLEU of a run's checkpoint at 2,000 updates, in its own column beside the run's figures and
+    kept in the record; a checkpoint at another count is refused in one line; a new BLEU (another training) takes the
+    record's away."""
+    import torch
+
+    at_2000 = tmp_path / "checkpoint_9_2000.pt"
+    state = torch.load(local_checkpoint, weights_only=False)
+    state["optimizer_history"][-1]["num_updates"] = 2000
+    torch.save(state, at_2000)
+    _eval_results(tmp_path, {"at2000": (at_2000, "torch", 28.456), "at1": (local_checkpoint, "torch", 1.0)})
+    record = tmp_path / "record.json"
+    table = markdown_table([_summary(tmp_path / "run")], record=record, fixed_eval_jsons=[tmp_path / "at2000.json"])
+    assert _rows(table)["`local_100m`"].endswith("| 31.25 | – | 28.46 | 41.3 |")  # the run's BLEU, then at 2,000
+    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – |")
+    source = f"`{tmp_path / 'at2000.json'}` (`lite eval --checkpoint`)"
+    assert f"BLEU at 2,000 updates from {source} for `local_100m`." in table
+    kept = json.loads(record.read_text())["presets"]["local_100m"]
+    assert (kept["bleu_fixed"], kept["bleu_fixed_from"]) == (28.456, source)
+    assert markdown_table(record=record) == table
+    refused = run([*LITE, "macs", "--mechanisms", "--eval-2000", str(tmp_path / "at1.json")])
+    assert refused.returncode == 2 and "was trained for 1 updates; --eval-2000 takes one at 2,000" in refused.stderr
+    assert len(refused.stderr.strip().split("\n")) == 1
+    rerun = _summary(tmp_path / "rerun")  # another training of the preset: its BLEU at 2,000 is not known
+    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")
+
+
 def test_run_dir_needs_mechanisms(tmp_path):
-    refused = run([*LITE, "macs", "--arch", "local_100m", "--run-dir", str(tmp_path)])
-    assert refused.returncode == 2 and "--run-dir, --eval, --bench and --record go with --mechanisms" in refused.stderr
+    refused = run([*LITE, "macs", "--arch", "local_100m", "--eval-2000", str(tmp_path)])
+    assert refused.returncode == 2
+    assert "--run-dir, --eval, --eval-2000, --bench and --record go with --mechanisms" in refused.stderr
