@@ -85,10 +85,11 @@ PRESETS = tuple(preset for m in MECHANISMS for preset in m.presets)
 
 
 def run_figures(run_dirs: Sequence[str | Path] = ()) -> dict[str, dict]:
-    """{arch: {"bleu", "bleu_from"[, "updates", "updates_from"][, "latency_ms", "latency_from"]}} from pipeline runs'
-    ``report/summary.json``: fp32 BLEU, the updates of its checkpoint (where it is still there), and the
-    int8 ONNX latency at 1 thread where the int8 model is that one (not a pruned one, which has fewer MACs). A preset
-    in several runs takes the figures of the last one given."""
+    """{arch: {"bleu", "bleu_from"[, "updates", "updates_from"][, "bleu_fixed", ...][, "latency_ms", ...]}} from
+    pipeline runs' ``report/summary.json``: fp32 BLEU, the updates of its checkpoint (where it is still there), the
+    BLEU at FIXED_UPDATES (where the run's ``eval_at_updates`` has it), and the int8 ONNX latency at 1 thread where
+    the int8 model is that one (not a pruned one, which has fewer MACs). A preset in several runs takes the figures
+    of the last one given."""
     figures = {}
     for run_dir in run_dirs:
         figures.update(_figures(run_dir))
@@ -105,6 +106,7 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
             backend = summary["backends"].get(f"onnx:{family}/int8@1", {}) if same else {}
             found = {"bleu": stage["bleu"], "bleu_from": f"`{run_dir}` (`lite pipeline`)",
                      "updates": checkpoint_updates(Path(run_dir) / family / "checkpoints" / "checkpoint_best.pt"),
+                     "bleu_fixed": stage.get("bleu_at_updates", {}).get(str(FIXED_UPDATES)),
                      "latency_ms": backend.get("latency_ms_p50")}
             figures[stage["arch"]] = _with_sources(found, found["bleu_from"])
     return figures

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import resource
 import shlex
 import time
@@ -28,6 +29,8 @@ import yaml
 
 from lite.errors import LiteError
 from lite.files import write_json
+
+logger = logging.getLogger(__name__)
 
 PACKAGES = ("lite-mt", "torch", "fairseq-fixed", "onnxruntime", "onnx", "ctranslate2", "sacrebleu", "torch-pruning",
             "sentencepiece", "numpy")
@@ -68,6 +71,8 @@ class ModelConfig:
     prune: dict | None = None  # {budget: "1M", finetune_overrides: {...}, finetune_cpu_minutes: ...}
     quantize: dict = field(default_factory=lambda: {"method": "ort-dynamic", "preset": "avx2", "compact": True})
     gpu: str | None = None  # the command that trains it on GPUs (documentation; the CPU run records how far it got)
+    eval_at_updates: tuple = ()  # also the BLEU of its checkpoints at these update counts (checkpoint_E_N.pt): ranks
+    # runs whose CPU time bought different counts (fairseq's inverse-sqrt learning rate follows the count alone)
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,27 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     for name, m in models.items():
         if m.prune is not None and "budget" not in m.prune:
             raise PipelineError(f"{path}: models.{name}.prune needs a budget (MACs, e.g. 1M)")
+        _check_eval_at_updates(m, f"{path}: models.{name}")
+    models = {name: replace(m, eval_at_updates=tuple(m.eval_at_updates)) for name, m in models.items()}
     bench = _typed(BenchSettings, raw.get("bench") or {}, f"{path}: bench")
     if bench.shortlist is not None:
         _typed(ShortlistSettings, bench.shortlist, f"{path}: bench.shortlist")
     return PipelineConfig(raw["name"], _typed(DataConfig, raw.get("data") or {}, f"{path}: data"), models,
                           BenchSettings(**{**bench.__dict__, "threads": tuple(bench.threads)}), path)
+
+
+def _check_eval_at_updates(m: ModelConfig, where: str) -> None:
+    """Every count of ``eval_at_updates`` must be one that training keeps a checkpoint at."""
+    if not m.eval_at_updates:
+        return
+    counts = m.eval_at_updates
+    if not (isinstance(counts, (list, tuple)) and all(isinstance(n, int) and n > 0 for n in counts)):
+        raise PipelineError(f"{where}.eval_at_updates: a list of update counts (e.g. [2000]), got {counts!r}")
+    interval = m.overrides.get("save_interval_updates") or _model_config(m.config).get("save_interval_updates")
+    off = [n for n in counts if not interval or n % interval]
+    if off:
+        raise PipelineError(f"{where}.eval_at_updates: no checkpoint is kept at {', '.join(map(str, off))} updates "
+                            f"(save_interval_updates is {interval or 'not set'}; set it to a divisor of each count)")
 
 
 def select_models(config: PipelineConfig, names: list[str]) -> PipelineConfig:
@@ -290,8 +311,11 @@ def _train_stage(name: str, model_config: str, overrides: dict, save_dir: Path, 
                  [save_dir / "checkpoint_best.pt"], run)
 
 
-def _measure_stages(base: Path, checkpoints: dict[str, Path], int8: Path, source_of_int8: str, split: str) -> dict:
-    """Per compression stage: BLEU (torch for checkpoints, ONNX Runtime for the int8 dir), MACs, params, bytes."""
+def _measure_stages(base: Path, checkpoints: dict[str, Path], int8: Path, source_of_int8: str, split: str,
+                    eval_at_updates: tuple = ()) -> dict:
+    """Per compression stage: BLEU (torch for checkpoints, ONNX Runtime for the int8 dir), MACs, params, bytes; for
+    fp32 also ``bleu_at_updates`` {count: BLEU of the training's checkpoint there} (a count it did not reach left
+    out, with a warning)."""
     from eval.evaluate import evaluate
     from eval.macs import count_params, paper_macs
     from lite.checkpoint import load_model
@@ -306,9 +330,27 @@ def _measure_stages(base: Path, checkpoints: dict[str, Path], int8: Path, source
                          "bytes": _bytes(export_dir),
                          "arch": model.args.arch, "family": _family(model.args.arch),
                          "budget": next((b for b in ("100m", "500m") if model.args.arch.endswith(b)), None)}
+    if eval_at_updates:
+        stages["fp32"]["bleu_at_updates"] = _bleu_at_updates(checkpoints["fp32"].parent, eval_at_updates, split,
+                                                             base / "eval")
     stages["int8"] = {**stages[source_of_int8], "bytes": _bytes(int8),
                       "bleu": evaluate(int8, split, backend="onnx", out_dir=base / "eval" / "int8")["bleu"]}
     return stages
+
+
+def _bleu_at_updates(save_dir: Path, counts: tuple, split: str, eval_dir: Path) -> dict[str, float]:
+    """{count: BLEU} of the checkpoints fairseq kept at those update counts (``checkpoint_E_N.pt``)."""
+    from eval.evaluate import evaluate
+
+    found = {}
+    for n in counts:
+        kept = sorted(save_dir.glob(f"checkpoint_*_{n}.pt"))
+        if not kept:
+            logger.warning(f"{save_dir}: no checkpoint at {n} updates (training ended before, or it fell at an "
+                           "epoch's end, where fairseq keeps none): its BLEU left out")
+            continue
+        found[str(n)] = evaluate(kept[0], split, out_dir=eval_dir / f"fp32_at_{n}")["bleu"]
+    return found
 
 
 def _bytes(path: Path) -> int:
@@ -354,13 +396,15 @@ def _model_stages(config: PipelineConfig, run_dir: Path, name: str, m: ModelConf
                         lambda: quantize(last, int8, q["method"], q["preset"], force=True, compact=q["compact"])))
     measured = base / "stages.json"
     split = config.data.test_split
+    at_updates = [f"lite eval --checkpoint {shlex.quote(str(base / 'checkpoints'))}/checkpoint_*_{n}.pt --split "
+                  f"{shlex.quote(split)}" for n in m.eval_at_updates]  # the glob unquoted: E is the epoch
     command = "; ".join([_cmd("lite", "eval", "--checkpoint", c, "--split", split) for c in checkpoints.values()]
-                        + [_cmd("lite", "eval", "--backend", "onnx", "--model", int8, "--split", split),
+                        + at_updates + [_cmd("lite", "eval", "--backend", "onnx", "--model", int8, "--split", split),
                            _cmd("lite", "macs", "--checkpoint", trained)])
-    stages.append(Stage(f"{name}/eval", command,
-                        {"split": config.data.test_split}, [*checkpoints.values(), int8], [measured],
+    options = {"split": split, **({"eval_at_updates": list(m.eval_at_updates)} if m.eval_at_updates else {})}
+    stages.append(Stage(f"{name}/eval", command, options, [*checkpoints.values(), int8], [measured],
                         lambda: write_json(measured, _measure_stages(
-                            base, checkpoints, int8, "finetuned" if m.prune else "fp32", config.data.test_split))))
+                            base, checkpoints, int8, "finetuned" if m.prune else "fp32", split, m.eval_at_updates))))
     return stages
 
 
@@ -401,8 +445,15 @@ def _shortlist_stage(config: PipelineConfig, run_dir: Path) -> Stage:
                                                                     settings.frequent))
 
 
+def _model_config(model_config: str) -> dict:
+    try:
+        return yaml.safe_load(Path(model_config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PipelineError(f"{model_config}: cannot read model config: {e}") from None
+
+
 def _config_arch(model_config: str) -> str:
-    return (yaml.safe_load(Path(model_config).read_text()) or {}).get("arch", "")
+    return _model_config(model_config).get("arch", "")
 
 
 def _bench_stage(config: PipelineConfig, run_dir: Path) -> Stage:

@@ -54,12 +54,13 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     first, second = _summary(tmp_path / "a"), tmp_path / "b" / "report"
     second.mkdir(parents=True)
     (second / "summary.json").write_text(json.dumps({
-        "stages": {"linear/fp32": {"bleu": 28.5, "arch": "linear_100m", "macs": 98},
+        "stages": {"linear/fp32": {"bleu": 28.5, "arch": "linear_100m", "macs": 98,
+                                   "bleu_at_updates": {"1400": 25.0, "2000": 27.0}},  # eval_at_updates
                    "local/fp32": {"bleu": 33.0, "arch": "local_100m", "macs": 98}}, "backends": {}}))
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(first), "--run-dir", str(second.parent)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`linear_100m`"].endswith("| 28.50 | – | – | – |")
+    assert rows["`linear_100m`"].endswith("| 28.50 | – | 27.00 | – |")  # its checkpoint's at 2,000 updates
     assert rows["`local_100m`"].endswith("| 33.00 | – | – | – |")  # the second run's, without its latency
     assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # only in the first
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "

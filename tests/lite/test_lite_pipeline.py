@@ -20,7 +20,9 @@ def _config(tmp_path, name="tiny", budget="0.9M", **extra):
                   "lsra": {"config": TINY, "overrides": {"max_update": 30},
                            "prune": {"budget": budget, "finetune_overrides": {"max_update": 40}}},
                   "transformer": {"config": TINY, "overrides": {"arch": "transformer_d128", "max_update": 30,
-                                                                "mixer_attention_heads": None}}},
+                                                                "mixer_attention_heads": None,
+                                                                "save_interval_updates": 10},
+                                  "eval_at_updates": [20, 40]}},  # 40: past the end of its training
               "bench": {"sentences": 4, "batch": 2}, **extra}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -52,6 +54,9 @@ def test_summary_equals_an_independent_recount(run):
         hypotheses = (run_dir / "lsra" / "eval" / stage / "test.hyp.en").read_text(encoding="utf-8").split("\n")[:-1]
         bleu = round(BLEU().corpus_score(hypotheses, [references]).score, 2)
         assert summary["stages"][f"lsra/{stage}"]["bleu"] == bleu
+    at_20 = (run_dir / "transformer" / "eval" / "fp32_at_20" / "test.hyp.en").read_text(encoding="utf-8")
+    assert summary["stages"]["transformer/fp32"]["bleu_at_updates"] == {  # 40: never reached, left out
+        "20": round(BLEU().corpus_score(at_20.split("\n")[:-1], [references]).score, 2)}
     int8 = run_dir / "lsra" / "onnx" / "int8"
     assert summary["stages"]["lsra/int8"]["bytes"] == sum(p.stat().st_size for p in int8.rglob("*") if p.is_file())
     assert summary["stages"]["lsra/pruned"]["macs"] <= 0.9e6 < summary["stages"]["lsra/fp32"]["macs"]
@@ -103,6 +108,15 @@ def test_bad_configs_and_a_locked_run_dir_are_refused(tmp_path, run):
                                     "bench": {"shortlist": {"per_sorce": 3}}}))
     with pytest.raises(PipelineError, match="bench.shortlist: unknown key.*per_sorce.*valid: per_source, frequent"):
         load_pipeline(path)
+    for model, says in (({"config": TINY, "overrides": {"save_interval_updates": 200}, "eval_at_updates": [2000, 2100]},
+                         r"no checkpoint is kept at 2100 updates \(save_interval_updates is 200"),
+                        ({"config": TINY, "eval_at_updates": [2000]},
+                         r"no checkpoint is kept at 2000 updates \(save_interval_updates is not set"),
+                        ({"config": TINY, "overrides": {"save_interval_updates": 200}, "eval_at_updates": 2000},
+                         "a list of update counts")):
+        path.write_text(yaml.safe_dump({"name": "x", "models": {"m": model}}))
+        with pytest.raises(PipelineError, match=f"models.m.eval_at_updates: {says}"):
+            load_pipeline(path)
     with open(run_dir / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(PipelineError, match="in use by another"):
