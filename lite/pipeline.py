@@ -330,11 +330,11 @@ def _measure_stages(base: Path, checkpoints: dict[str, Path], int8: Path, source
                          "bytes": _bytes(export_dir),
                          "arch": model.args.arch, "family": _family(model.args.arch),
                          "budget": next((b for b in ("100m", "500m") if model.args.arch.endswith(b)), None)}
+    stages["int8"] = {**stages[source_of_int8], "bytes": _bytes(int8),
+                      "bleu": evaluate(int8, split, backend="onnx", out_dir=base / "eval" / "int8")["bleu"]}
     if eval_at_updates:
         stages["fp32"]["bleu_at_updates"] = _bleu_at_updates(checkpoints["fp32"].parent, eval_at_updates, split,
                                                              base / "eval")
-    stages["int8"] = {**stages[source_of_int8], "bytes": _bytes(int8),
-                      "bleu": evaluate(int8, split, backend="onnx", out_dir=base / "eval" / "int8")["bleu"]}
     return stages
 
 

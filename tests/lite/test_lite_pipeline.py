@@ -57,6 +57,7 @@ def test_summary_equals_an_independent_recount(run):
     at_20 = (run_dir / "transformer" / "eval" / "fp32_at_20" / "test.hyp.en").read_text(encoding="utf-8")
     assert summary["stages"]["transformer/fp32"]["bleu_at_updates"] == {  # 40: never reached, left out
         "20": round(BLEU().corpus_score(at_20.split("\n")[:-1], [references]).score, 2)}
+    assert "bleu_at_updates" not in summary["stages"]["transformer/int8"]  # the training's, not the int8 model's
     int8 = run_dir / "lsra" / "onnx" / "int8"
     assert summary["stages"]["lsra/int8"]["bytes"] == sum(p.stat().st_size for p in int8.rglob("*") if p.is_file())
     assert summary["stages"]["lsra/pruned"]["macs"] <= 0.9e6 < summary["stages"]["lsra/fp32"]["macs"]
