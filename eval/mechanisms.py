@@ -3,8 +3,10 @@
 can serve, what a decoding step keeps, MACs at its 100M preset and, from pipeline runs (or a checkpoint's ``lite
 eval``), the preset's BLEU (fp32, the run's test split), the updates of the checkpoint it is from (what its CPU-time
 budget bought: machines and sittings differ), the BLEU of the run's checkpoint at 2,000 updates (``--eval-2000``:
-what ranks runs whose sittings bought different counts) and its int8 ONNX latency at 1 thread (batch 1, beam 4,
-p50) — or, with ``--bench``, every latency from that one ``lite bench`` run, so that they compare with each other.
+what ranks runs whose sittings bought different counts), its int8 ONNX latency at 1 thread (batch 1, beam 4, p50)
+and the int8 model's speed-up over fairseq on the checkpoint it was exported from, timed in the same run — or, with
+``--bench``, every latency and speed-up from that one ``lite bench`` run. Latencies from runs on other days compare
+only as the speed-ups do: as ratios measured in one run.
 
 A record (``--record``) keeps the figures, each with the run it came from, beside the README: run dirs are
 machine-local and can be lost, the table's figures then still regenerate. The table starts from the record, the
@@ -85,11 +87,11 @@ PRESETS = tuple(preset for m in MECHANISMS for preset in m.presets)
 
 
 def run_figures(run_dirs: Sequence[str | Path] = ()) -> dict[str, dict]:
-    """{arch: {"bleu", "bleu_from"[, "updates", "updates_from"][, "bleu_fixed", ...][, "latency_ms", ...]}} from
-    pipeline runs' ``report/summary.json``: fp32 BLEU, the updates of its checkpoint (where it is still there), the
-    BLEU at FIXED_UPDATES (where the run's ``eval_at_updates`` has it), and the int8 ONNX latency at 1 thread where
-    the int8 model is that one (not a pruned one, which has fewer MACs). A preset in several runs takes the figures
-    of the last one given."""
+    """{arch: {"bleu", "bleu_from"[, "updates", "updates_from"][, "bleu_fixed", ...][, "latency_ms", ...][,
+    "speedup", ...]}} from pipeline runs' ``report/summary.json``: fp32 BLEU, the updates of its checkpoint (where it
+    is still there), the BLEU at FIXED_UPDATES (where the run's ``eval_at_updates`` has it), and the int8 ONNX
+    latency at 1 thread and its speed-up over the fp32 checkpoint in fairseq where the int8 model is that one (not a
+    pruned one, which has fewer MACs). A preset in several runs takes the figures of the last one given."""
     figures = {}
     for run_dir in run_dirs:
         figures.update(_figures(run_dir))
@@ -103,13 +105,20 @@ def _figures(run_dir: str | Path) -> dict[str, dict]:
         family, kind = name.split("/", 1)
         if kind == "fp32":
             same = summary["stages"].get(f"{family}/int8", {}).get("macs") == stage.get("macs")
-            backend = summary["backends"].get(f"onnx:{family}/int8@1", {}) if same else {}
+            int8 = summary["backends"].get(f"onnx:{family}/int8@1", {}) if same else {}
+            fairseq = summary["backends"].get(f"torch:{family}/fp32@1", {})
             found = {"bleu": stage["bleu"], "bleu_from": f"`{run_dir}` (`lite pipeline`)",
                      "updates": checkpoint_updates(Path(run_dir) / family / "checkpoints" / "checkpoint_best.pt"),
                      "bleu_fixed": stage.get("bleu_at_updates", {}).get(str(FIXED_UPDATES)),
-                     "latency_ms": backend.get("latency_ms_p50")}
+                     "latency_ms": int8.get("latency_ms_p50"),
+                     "speedup": speedup(fairseq.get("latency_ms_p50"), int8.get("latency_ms_p50"))}
             figures[stage["arch"]] = _with_sources(found, found["bleu_from"])
     return figures
+
+
+def speedup(fairseq_ms: float | None, int8_ms: float | None) -> float | None:
+    """fairseq's latency over the int8 model's, both from one run; None without both."""
+    return None if fairseq_ms is None or int8_ms is None else round(fairseq_ms / int8_ms, 2)
 
 
 def checkpoint_updates(checkpoint: Path) -> int | None:
@@ -120,7 +129,8 @@ def checkpoint_updates(checkpoint: Path) -> int | None:
 FIXED_UPDATES = 2_000  # the count at which every preset's checkpoint is also compared (a CPU-minute's worth of
 # updates moves with the machine's load; the inverse-sqrt learning rate follows the update count alone)
 FIELDS = (("bleu", "bleu_from"), ("updates", "updates_from"), ("bleu_fixed", "bleu_fixed_from"),
-          ("latency_ms", "latency_from"))
+          ("latency_ms", "latency_from"), ("speedup", "speedup_from"))
+BENCH_FIELDS = ("latency", "speedup")  # what one bench run gives
 TRAINING_FIELDS = ("updates", "bleu_fixed")  # a training's figures besides its BLEU: a new BLEU takes them away
 
 
@@ -168,16 +178,22 @@ def eval_figures(eval_jsons: Sequence[str | Path], fixed: bool = False) -> dict[
     return figures
 
 
-def bench_latencies(bench_json: str | Path) -> dict[str, float]:
-    """{arch: latency_ms_p50} of a ``lite bench`` run's int8 ONNX model dirs at 1 thread, with our search (the arch
-    from each dir's model.json; a target that failed gives none). A dir whose MACs are not its preset's (pruned,
-    or trained with other widths) is left out with a warning: its latency is not the preset's."""
+def bench_figures(bench_json: str | Path) -> dict[str, dict[str, float]]:
+    """{arch: {"latency_ms"[, "speedup"]}} of a ``lite bench`` run's int8 ONNX model dirs at 1 thread, with our
+    search (the arch from each dir's model.json; a target that failed gives none): the p50 latency and, where the
+    run also timed fairseq on the checkpoint the dir was exported from (model.json's ``checkpoint``), fairseq's p50
+    over it. A dir whose MACs are not its preset's (pruned, or trained with other widths) is left out with a warning:
+    its latency is not the preset's."""
     bench = json.loads(Path(bench_json).read_text(encoding="utf-8"))
     targets = [Target(**t) for t in bench["targets"]]
     paths = {t.name: t.path for t in targets if t.backend == "onnx" and not t.shortlist and t.search == "fairseq"}
-    latencies, seen = {}, {}
-    for result in bench["results"]:
-        if result["target"] not in paths or result["threads"] != 1 or result["error"]:
+    checkpoints = {t.name: str(Path(t.path).resolve()) for t in targets if t.backend == "torch"}
+    at_one_thread = [r for r in bench["results"] if r["threads"] == 1 and not r["error"]]
+    fairseq_ms = {checkpoints[r["target"]]: r["figures"]["latency_ms_p50"] for r in at_one_thread
+                  if r["target"] in checkpoints}
+    figures, seen = {}, {}
+    for result in at_one_thread:
+        if result["target"] not in paths:
             continue
         model_dir = Path(paths[result["target"]])
         if not (model_dir / "model.json").is_file():
@@ -197,8 +213,10 @@ def bench_latencies(bench_json: str | Path) -> dict[str, float]:
         if arch in seen:
             raise MacsError(f"{bench_json}: two int8 models of {arch} ({seen[arch]}, {model_dir}); "
                             "bench one per preset")
-        seen[arch], latencies[arch] = model_dir, result["figures"]["latency_ms_p50"]
-    return latencies
+        latency = result["figures"]["latency_ms_p50"]
+        found = {"latency_ms": latency, "speedup": speedup(fairseq_ms.get(description.get("checkpoint")), latency)}
+        seen[arch], figures[arch] = model_dir, {k: v for k, v in found.items() if v is not None}
+    return figures
 
 
 def read_record(path: str | Path) -> dict[str, dict]:
@@ -246,8 +264,12 @@ def _sources(figures: dict[str, dict], field: str, source: str) -> str:
     return "; ".join(f"{run} for {', '.join(archs)}" for run, archs in presets.items())
 
 
-def _shown(figure, form: str) -> str:
-    return "–" if figure is None else format(figure, form)
+COLUMNS = (("bleu", ".2f", ""), ("updates", ",d", ""), ("bleu_fixed", ".2f", ""), ("latency_ms", ".1f", ""),
+           ("speedup", ".1f", "×"))  # the figures' columns: field, format, unit
+
+
+def _shown(figure, form: str, unit: str) -> str:
+    return "–" if figure is None else format(figure, form) + unit
 
 
 def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path | None = None,
@@ -256,26 +278,25 @@ def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path |
     new = {**run_figures(run_dirs), **eval_figures(eval_jsons)}
     for arch, found in eval_figures(fixed_eval_jsons, fixed=True).items():
         new.setdefault(arch, {}).update(found)
-    if bench_json is not None:  # every latency it has from this one run
-        new = {arch: {k: v for k, v in found.items() if not k.startswith("latency")} for arch, found in new.items()}
-        for arch, latency in bench_latencies(bench_json).items():
-            new.setdefault(arch, {}).update(latency_ms=latency, latency_from=f"`{bench_json}` (one `lite bench` run)")
+    if bench_json is not None:  # every latency and speed-up it has from this one run
+        new = {arch: {k: v for k, v in found.items() if not k.startswith(BENCH_FIELDS)} for arch, found in new.items()}
+        for arch, found in bench_figures(bench_json).items():
+            new.setdefault(arch, {}).update(_with_sources(found, f"`{bench_json}` (one `lite bench` run)"))
     figures = _merged(read_record(record) if record else {}, new)
     if record:
         write_text(record, json.dumps({"presets": figures}, indent=1, ensure_ascii=False) + "\n")
     rows = ["| mixer | paper | encoder | decoder | decoding state per step | 100M preset | MACs | BLEU | updates | "
-            f"BLEU at {FIXED_UPDATES:,} updates | int8 ms/sentence |",
-            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+            f"BLEU at {FIXED_UPDATES:,} updates | int8 ms/sentence | int8 speed-up over fairseq |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in MECHANISMS:
         decoder = "yes" if m.mixer in CAUSAL_MIXERS else f"no: {m.no_decoder} (its preset's decoder: attention)"
         for preset in m.presets or ("",):
             macs = millions(preset_macs(preset)) if preset else "–"
             found = figures.get(preset, {})
-            shown = [_shown(found.get(field), form) for field, form in (("bleu", ".2f"), ("updates", ",d"),
-                                                                         ("bleu_fixed", ".2f"), ("latency_ms", ".1f"))]
+            shown = [_shown(found.get(field), form, unit) for field, form, unit in COLUMNS]
             rows.append(f"| `{m.mixer}` | {m.paper} | yes | {decoder} | {m.state or '–'} | "
                         f"{f'`{preset}`' if preset else '– (inside LSRA)'} | {macs} | {' | '.join(shown)} |")
-    names = ("BLEU", "Updates", f"BLEU at {FIXED_UPDATES:,} updates", "Latency")
+    names = ("BLEU", "Updates", f"BLEU at {FIXED_UPDATES:,} updates", "Latency", "Speed-up")
     source = "".join(f" {what} from {sources}." for what, (field, from_) in zip(names, FIELDS)
                      if (sources := _sources(figures, field, from_)))
     if record:
@@ -284,7 +305,8 @@ def markdown_table(run_dirs: Sequence[str | Path] = (), bench_json: str | Path |
             "those of the checkpoint the BLEU is from, in a pipeline run its best-valid one within its CPU-time budget "
             f"(a CPU-minute buys more of them on a quiet machine); BLEU at {FIXED_UPDATES:,} updates: the same run's "
             "checkpoint at that count, which ranks runs from sittings whose CPU-minutes bought different counts; "
-            "latency: int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); – where no run has such a "
-            "figure."
+            "latency: int8 ONNX Runtime, 1 thread, batch 1, beam 4, p50 (`lite bench`); speed-up: fairseq's latency on "
+            "the checkpoint the int8 model was exported from over the int8 model's, both from one run (latencies from "
+            "runs on other days compare only as such ratios); – where no run has such a figure."
             f"{source} Generated by `lite macs --mechanisms`.")
     return "\n".join(rows) + "\n" + note

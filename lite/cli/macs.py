@@ -96,7 +96,7 @@ def register(sub) -> None:
     what.add_argument("--markdown", action="store_true", help="print the Markdown table of every preset")
     what.add_argument("--mechanisms", action="store_true",
                       help="print the Markdown table of token mixers: paper, encoder/decoder, decoding state, "
-                           "MACs of the 100M preset (+ BLEU and int8 latency from --run-dir)")
+                           "MACs of the 100M preset (+ BLEU, int8 latency and its speed-up over fairseq from --run-dir)")
     p.add_argument("--run-dir", action="append", help="with --mechanisms: a `lite pipeline` run dir (its "
                                                       "report/summary.json); repeat for several runs, the last "
                                                       "one given wins for a preset in more than one")
@@ -106,7 +106,8 @@ def register(sub) -> None:
                    help="with --mechanisms: a `lite eval --checkpoint` result of a checkpoint at 2,000 updates (a "
                         "run's checkpoint_E_2000.pt): its preset's BLEU at 2,000 updates; repeat for several")
     p.add_argument("--bench", help="with --mechanisms: a `lite bench --out` file whose int8 ONNX model dirs (one "
-                                    "per preset) give every latency, measured in one run")
+                                    "per preset) give every latency, measured in one run, and the speed-up over "
+                                    "fairseq where it timed the checkpoint a dir was exported from (--checkpoint)")
     p.add_argument("--record", help="with --mechanisms: a JSON file that keeps the table's figures with the run "
                                      "each came from (created if missing): the table starts from it, the figures "
                                      "of --run-dir/--eval/--bench replace its entries, and it is rewritten")

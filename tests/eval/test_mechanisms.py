@@ -30,7 +30,8 @@ def _summary(tmp_path):
                    "lsra/fp32": {"bleu": 30.0, "arch": "lsra_100m", "macs": 97},
                    "lsra/int8": {"bleu": 29.0, "arch": "lsra_100m", "macs": 78}},  # int8 of a pruned model
         "backends": {"onnx:local/int8@1": {"latency_ms_p50": 41.27}, "onnx:local/int8@2": {"latency_ms_p50": 60.0},
-                     "onnx:lsra/int8@1": {"latency_ms_p50": 40.0}}}))
+                     "torch:local/fp32@1": {"latency_ms_p50": 165.08},  # fairseq on the fp32 checkpoint
+                     "onnx:lsra/int8@1": {"latency_ms_p50": 40.0}, "torch:lsra/fp32@1": {"latency_ms_p50": 99.0}}}))
     return tmp_path
 
 
@@ -41,9 +42,10 @@ def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
     assert len(rows) == sum(max(len(m.presets), 1) for m in MECHANISMS)
     assert f"{paper_macs(build_arch('local_100m', 10_000)).total / 1e6:.1f}M" in rows["`local_100m`"]
-    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")  # fp32 BLEU, int8 latency at 1 thread
-    assert rows["`strided_100m`"].endswith("| – | – | – | – |")  # not in the run
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # its int8 is another (pruned) model
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")  # fp32 BLEU, int8 at 1 thread: latency,
+    # fairseq's over it
+    assert rows["`strided_100m`"].endswith("| – | – | – | – | – |")  # not in the run
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")  # its int8 is another (pruned) model
     assert "| no: the length projection mixes every position (its preset's decoder: attention) |" in rows[
         "`linformer_100m`"]
     assert "| yes | yes |" in rows["`local_100m`"]
@@ -60,30 +62,36 @@ def test_figures_from_several_runs_the_last_wins(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(first), "--run-dir", str(second.parent)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`linear_100m`"].endswith("| 28.50 | – | 27.00 | – |")  # its checkpoint's at 2,000 updates
-    assert rows["`local_100m`"].endswith("| 33.00 | – | – | – |")  # the second run's, without its latency
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # only in the first
+    assert rows["`linear_100m`"].endswith("| 28.50 | – | 27.00 | – | – |")  # its checkpoint's at 2,000 updates
+    assert rows["`local_100m`"].endswith("| 33.00 | – | – | – | – |")  # the second run's, without its latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")  # only in the first
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
             "`linear_100m`, `local_100m`.") in out.stdout
 
 
 def _bench(tmp_path, models: dict[str, tuple[str, dict | None]], results: list[tuple[str, int, float, str | None]],
-           macs: dict[str, int | None] | None = None):
-    """A ``lite bench`` output over model dirs {name: (arch, quantization)} with their preset's MACs unless ``macs``
-    says otherwise (None: not recorded); results (name, threads, p50, error)."""
+           macs: dict[str, int | None] | None = None, fairseq: dict[str, float] | None = None):
+    """A ``lite bench`` output over model dirs {name: (arch, quantization)}, each exported from <name>.pt, with their
+    preset's MACs unless ``macs`` says otherwise (None: not recorded); results (name, threads, p50, error); fairseq
+    {name: p50} timed at 1 thread on the checkpoints of those named."""
     for name, (arch, quantization) in models.items():
         (tmp_path / name).mkdir(parents=True)
-        description = {"arch": arch, "quantization": quantization, "macs": preset_macs(arch)}
+        description = {"arch": arch, "quantization": quantization, "macs": preset_macs(arch),
+                       "checkpoint": str((tmp_path / f"{name}.pt").resolve())}
         if name in (macs or {}):
             description["macs"] = macs[name]
         (tmp_path / name / "model.json").write_text(json.dumps({k: v for k, v in description.items()
                                                                  if v is not None}))
-    targets = [{"backend": "onnx", "path": str(tmp_path / name), "quantization": None, "data": None, "label": None,
-                "shortlist": None} for name in models]
+    targets = [{"backend": backend, "path": str(tmp_path / path), "quantization": None, "data": None, "label": None,
+                "shortlist": None} for backend, names, suffix in (("onnx", models, ""), ("torch", fairseq or {}, ".pt"))
+               for path in (name + suffix for name in names)]
+    timed = [(f"onnx:{name}", threads, p50, error) for name, threads, p50, error in results]
+    timed += [(f"torch:{name}.pt", 1, p50, None) for name, p50 in (fairseq or {}).items()]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"targets": targets, "results": [
-        {"target": f"onnx:{name}", "backend": "onnx", "threads": threads, "error": error,
-         "figures": {} if error else {"latency_ms_p50": p50}} for name, threads, p50, error in results]}))
+        {"target": target, "backend": target.split(":")[0], "threads": threads, "error": error,
+         "figures": {} if error else {"latency_ms_p50": p50}}
+        for target, threads, p50, error in timed]}))
     return path
 
 
@@ -98,11 +106,38 @@ def test_bench_gives_every_latency_from_one_run(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")), "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 12.3 |")  # the run's BLEU, the bench's int8 latency
-    assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 |")  # only benched
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")
-    assert rows["`strided_100m`"].endswith("| – | – | – | – |")  # its bench target failed
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 12.3 | – |")  # the run's BLEU, the bench's int8 latency
+    assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 | – |")  # only benched
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")
+    assert rows["`strided_100m`"].endswith("| – | – | – | – | – |")  # its bench target failed
     assert f"Latency from `{bench}` (one `lite bench` run)" in out.stdout
+
+
+def test_bench_gives_the_speedup_over_fairseq_on_the_checkpoint_of_each_dir(tmp_path):
+    """Where the bench also timed fairseq on the checkpoint a dir was exported from (model.json's ``checkpoint``):
+    fairseq's p50 over the int8 model's, from the same run, kept in the record beside the latency."""
+    bench = _bench(tmp_path / "bench", {"local8": ("local_100m", {"method": "ort-dynamic"}),
+                                        "linear8": ("linear_100m", {"method": "ort-dynamic"}),
+                                        "strided8": ("strided_100m", {"method": "ort-dynamic"})},
+                   [("local8", 1, 10.0, None), ("linear8", 1, 8.0, None), ("strided8", 1, 0.0, "worker died")],
+                   fairseq={"local8": 65.0, "strided8": 50.0})
+    record = tmp_path / "record.json"
+    table = markdown_table(bench_json=bench, record=record)
+    rows = _rows(table)
+    assert rows["`local_100m`"].endswith("| – | – | – | 10.0 | 6.5× |")
+    assert rows["`linear_100m`"].endswith("| – | – | – | 8.0 | – |")  # fairseq not timed on its checkpoint
+    assert rows["`strided_100m`"].endswith("| – | – | – | – | – |")  # its int8 model failed
+    assert f"Speed-up from `{bench}` (one `lite bench` run) for `local_100m`." in table
+    kept = json.loads(record.read_text())["presets"]["local_100m"]
+    assert (kept["speedup"], kept["speedup_from"]) == (6.5, f"`{bench}` (one `lite bench` run)")
+    other = _bench(tmp_path / "other", {"local8": ("local_100m", {"method": "ort-dynamic"})},
+                   [("local8", 1, 20.0, None)], fairseq={"local8": 60.0})  # another checkpoint's dir
+    document = json.loads(other.read_text())
+    document["targets"][-1]["path"] = str(tmp_path / "bench" / "local8.pt")  # fairseq on the first one's
+    other.write_text(json.dumps(document))
+    rows = _rows(markdown_table(bench_json=other, record=record))
+    assert rows["`local_100m`"].endswith("| – | – | – | 20.0 | 6.5× |")  # the new latency; the ratio still the first's
+    assert rows["`linear_100m`"].endswith("| – | – | – | 8.0 | – |")
 
 
 def test_bench_with_two_int8_models_of_one_preset_is_refused(tmp_path):
@@ -121,7 +156,7 @@ def test_bench_leaves_out_a_pruned_dir_and_refuses_one_without_macs(tmp_path):
                    [("local8", 1, 12.0, None), ("pruned8", 1, 5.0, None)], macs={"pruned8": 80_000_000})
     out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert _rows(out.stdout)["`local_100m`"].endswith("| – | – | – | 12.0 |")
+    assert _rows(out.stdout)["`local_100m`"].endswith("| – | – | – | 12.0 | – |")
     assert f"pruned8: 80.0M MACs, not local_100m's {millions(preset_macs('local_100m'))}" in out.stderr
     bench = _bench(tmp_path / "b", {"old8": ("local_100m", {"method": "ort-dynamic"})}, [("old8", 1, 1.0, None)],
                    macs={"old8": None})
@@ -139,7 +174,7 @@ def test_bench_keeps_our_search_and_names_a_moved_dir(tmp_path):
     bench.write_text(json.dumps(document))
     out = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
-    assert _rows(out.stdout)["`local_100m`"].endswith("| – | – | – | 1.0 |")
+    assert _rows(out.stdout)["`local_100m`"].endswith("| – | – | – | 1.0 | – |")
     (tmp_path / "a" / "model.json").unlink()
     refused = run([*LITE, "macs", "--mechanisms", "--bench", str(bench)])
     assert refused.returncode == 2 and "holds no model.json (moved or deleted?)" in refused.stderr
@@ -157,7 +192,8 @@ def test_record_keeps_each_figure_with_its_run(tmp_path):
     markdown_table([first], record=record)  # in process: the presets' MACs counted once for these tests
     kept = json.loads(record.read_text())["presets"]
     assert kept["local_100m"] == {"bleu": 31.25, "bleu_from": f"`{first}` (`lite pipeline`)", "latency_ms": 41.27,
-                                  "latency_from": f"`{first}` (`lite pipeline`)"}
+                                  "latency_from": f"`{first}` (`lite pipeline`)", "speedup": 4.0,
+                                  "speedup_from": f"`{first}` (`lite pipeline`)"}
     assert kept["lsra_100m"] == {"bleu": 30.0, "bleu_from": f"`{first}` (`lite pipeline`)"}  # its int8 is pruned
     second = tmp_path / "b" / "report"
     second.mkdir(parents=True)
@@ -166,10 +202,11 @@ def test_record_keeps_each_figure_with_its_run(tmp_path):
     (first / "report" / "summary.json").unlink()  # lost
     table = markdown_table([second.parent], record=record)
     rows = _rows(table)
-    assert rows["`local_100m`"].endswith("| 33.00 | – | – | 41.3 |")  # the new BLEU, the kept latency
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")
+    assert rows["`local_100m`"].endswith("| 33.00 | – | – | 41.3 | 4.0× |")  # the new BLEU, the kept latency
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")
     assert (f"BLEU from `{first}` (`lite pipeline`) for `lsra_100m`; `{second.parent}` (`lite pipeline`) for "
-            f"`local_100m`. Latency from `{first}` (`lite pipeline`) for `local_100m`. Kept in `{record}`.") in table
+            f"`local_100m`. Latency from `{first}` (`lite pipeline`) for `local_100m`. Speed-up from `{first}` "
+            f"(`lite pipeline`) for `local_100m`. Kept in `{record}`.") in table
     kept = json.loads(record.read_text())["presets"]
     assert kept["local_100m"]["bleu_from"] == f"`{second.parent}` (`lite pipeline`)"
     assert markdown_table(record=record) == table
@@ -182,8 +219,8 @@ def test_record_takes_a_benchs_latencies_for_the_presets_it_has(tmp_path):
                    [("linear8", 1, 9.87, None)])
     table = markdown_table(bench_json=bench, record=record)
     rows = _rows(table)
-    assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 |")
-    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")  # another run's: the note says which
+    assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 | – |")
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")  # another run's: the note says which
     assert f"`{bench}` (one `lite bench` run) for `linear_100m`" in table
 
 
@@ -200,14 +237,14 @@ def test_updates_come_from_the_checkpoint_of_the_bleu_and_stay_in_the_record(tmp
     bench = _bench(tmp_path / "bench", {"local8": ("local_100m", {"method": "ort-dynamic"})},
                    [("local8", 1, 12.34, None)])
     table = markdown_table([run_dir], bench_json=bench, record=record)
-    assert _rows(table)["`local_100m`"].endswith("| 31.25 | 2,025 | – | 12.3 |")
-    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # its checkpoints are not there
+    assert _rows(table)["`local_100m`"].endswith("| 31.25 | 2,025 | – | 12.3 | – |")
+    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")  # its checkpoints are not there
     assert f"Updates from `{run_dir}` (`lite pipeline`) for `local_100m`." in table
     kept = json.loads(record.read_text())["presets"]["local_100m"]
     assert (kept["updates"], kept["updates_from"]) == (2025, f"`{run_dir}` (`lite pipeline`)")
     assert markdown_table(record=record) == table
     rerun = _summary(tmp_path / "rerun")  # a new BLEU whose checkpoint is gone: the old updates go with the old BLEU
-    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")
+    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
     assert "updates" not in json.loads(record.read_text())["presets"]["local_100m"]
 
 
@@ -256,8 +293,8 @@ def test_eval_gives_a_checkpoints_bleu_to_its_preset(local_checkpoint, trained_t
                "--eval", str(tmp_path / "local.json"), "--eval", str(tmp_path / "tiny.json")])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = _rows(out.stdout)
-    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – | – |")  # the eval's, not the run's 31.25; one update
-    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – |")  # the run's
+    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – | – | – |")  # the eval's, not the run's 31.25; one update
+    assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")  # the run's
     assert "MACs, not transformer_d128's 86.7M (pruned?): left out" in out.stderr
     assert f"`{tmp_path / 'local.json'}` (`lite eval --checkpoint`) for `local_100m`" in out.stdout
     refused = run([*LITE, "macs", "--mechanisms", "--eval", str(tmp_path / "onnx.json")])
@@ -277,8 +314,8 @@ def test_eval_2000_gives_the_bleu_at_2000_updates_beside_the_runs(local_checkpoi
     _eval_results(tmp_path, {"at2000": (at_2000, "torch", 28.456), "at1": (local_checkpoint, "torch", 1.0)})
     record = tmp_path / "record.json"
     table = markdown_table([_summary(tmp_path / "run")], record=record, fixed_eval_jsons=[tmp_path / "at2000.json"])
-    assert _rows(table)["`local_100m`"].endswith("| 31.25 | – | 28.46 | 41.3 |")  # the run's BLEU, then at 2,000
-    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – |")
+    assert _rows(table)["`local_100m`"].endswith("| 31.25 | – | 28.46 | 41.3 | 4.0× |")  # the run's BLEU, then at 2,000
+    assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")
     source = f"`{tmp_path / 'at2000.json'}` (`lite eval --checkpoint`)"
     assert f"BLEU at 2,000 updates from {source} for `local_100m`." in table
     kept = json.loads(record.read_text())["presets"]["local_100m"]
@@ -288,7 +325,7 @@ def test_eval_2000_gives_the_bleu_at_2000_updates_beside_the_runs(local_checkpoi
     assert refused.returncode == 2 and "was trained for 1 updates; --eval-2000 takes one at 2,000" in refused.stderr
     assert len(refused.stderr.strip().split("\n")) == 1
     rerun = _summary(tmp_path / "rerun")  # another training of the preset: its BLEU at 2,000 is not known
-    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 |")
+    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
 
 
 def test_run_dir_needs_mechanisms(tmp_path):
