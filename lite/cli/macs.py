@@ -96,7 +96,8 @@ def register(sub) -> None:
     what.add_argument("--markdown", action="store_true", help="print the Markdown table of every preset")
     what.add_argument("--mechanisms", action="store_true",
                       help="print the Markdown table of token mixers: paper, encoder/decoder, decoding state, "
-                           "MACs of the 100M preset (+ BLEU, int8 latency and its speed-up over fairseq from --run-dir)")
+                           "MACs of the 100M preset (+ BLEU, int8 latency and its speed-up over fairseq from "
+                           "--run-dir)")
     p.add_argument("--run-dir", action="append", help="with --mechanisms: a `lite pipeline` run dir (its "
                                                       "report/summary.json); repeat for several runs, the last "
                                                       "one given wins for a preset in more than one")

@@ -42,8 +42,8 @@ def test_table_takes_macs_from_the_counter_and_figures_from_the_run(tmp_path):
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
     assert len(rows) == sum(max(len(m.presets), 1) for m in MECHANISMS)
     assert f"{paper_macs(build_arch('local_100m', 10_000)).total / 1e6:.1f}M" in rows["`local_100m`"]
-    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")  # fp32 BLEU, int8 at 1 thread: latency,
-    # fairseq's over it
+    # fp32 BLEU; int8 at 1 thread: its latency, fairseq's over it
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
     assert rows["`strided_100m`"].endswith("| – | – | – | – | – |")  # not in the run
     assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")  # its int8 is another (pruned) model
     assert "| no: the length projection mixes every position (its preset's decoder: attention) |" in rows[
@@ -106,7 +106,7 @@ def test_bench_gives_every_latency_from_one_run(tmp_path):
     out = run([*LITE, "macs", "--mechanisms", "--run-dir", str(_summary(tmp_path / "run")), "--bench", str(bench)])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[6].strip(): line for line in out.stdout.split("\n") if line.startswith("| `")}
-    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 12.3 | – |")  # the run's BLEU, the bench's int8 latency
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 12.3 | – |")  # the run's BLEU, the bench's latency
     assert rows["`linear_100m`"].endswith("| – | – | – | 9.9 | – |")  # only benched
     assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")
     assert rows["`strided_100m`"].endswith("| – | – | – | – | – |")  # its bench target failed
@@ -136,7 +136,7 @@ def test_bench_gives_the_speedup_over_fairseq_on_the_checkpoint_of_each_dir(tmp_
     document["targets"][-1]["path"] = str(tmp_path / "bench" / "local8.pt")  # fairseq on the first one's
     other.write_text(json.dumps(document))
     rows = _rows(markdown_table(bench_json=other, record=record))
-    assert rows["`local_100m`"].endswith("| – | – | – | 20.0 | 6.5× |")  # the new latency; the ratio still the first's
+    assert rows["`local_100m`"].endswith("| – | – | – | 20.0 | 6.5× |")  # the new latency, the first's ratio
     assert rows["`linear_100m`"].endswith("| – | – | – | 8.0 | – |")
 
 
@@ -244,7 +244,8 @@ def test_updates_come_from_the_checkpoint_of_the_bleu_and_stay_in_the_record(tmp
     assert (kept["updates"], kept["updates_from"]) == (2025, f"`{run_dir}` (`lite pipeline`)")
     assert markdown_table(record=record) == table
     rerun = _summary(tmp_path / "rerun")  # a new BLEU whose checkpoint is gone: the old updates go with the old BLEU
-    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
+    rows = _rows(markdown_table([rerun], record=record))
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
     assert "updates" not in json.loads(record.read_text())["presets"]["local_100m"]
 
 
@@ -293,7 +294,7 @@ def test_eval_gives_a_checkpoints_bleu_to_its_preset(local_checkpoint, trained_t
                "--eval", str(tmp_path / "local.json"), "--eval", str(tmp_path / "tiny.json")])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = _rows(out.stdout)
-    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – | – | – |")  # the eval's, not the run's 31.25; one update
+    assert rows["`local_100m`"].endswith("| 12.35 | 1 | – | – | – |")  # the eval's, not the run's; one update
     assert rows["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")  # the run's
     assert "MACs, not transformer_d128's 86.7M (pruned?): left out" in out.stderr
     assert f"`{tmp_path / 'local.json'}` (`lite eval --checkpoint`) for `local_100m`" in out.stdout
@@ -314,7 +315,7 @@ def test_eval_2000_gives_the_bleu_at_2000_updates_beside_the_runs(local_checkpoi
     _eval_results(tmp_path, {"at2000": (at_2000, "torch", 28.456), "at1": (local_checkpoint, "torch", 1.0)})
     record = tmp_path / "record.json"
     table = markdown_table([_summary(tmp_path / "run")], record=record, fixed_eval_jsons=[tmp_path / "at2000.json"])
-    assert _rows(table)["`local_100m`"].endswith("| 31.25 | – | 28.46 | 41.3 | 4.0× |")  # the run's BLEU, then at 2,000
+    assert _rows(table)["`local_100m`"].endswith("| 31.25 | – | 28.46 | 41.3 | 4.0× |")  # the run's, then at 2,000
     assert _rows(table)["`lsra_100m`"].endswith("| 30.00 | – | – | – | – |")
     source = f"`{tmp_path / 'at2000.json'}` (`lite eval --checkpoint`)"
     assert f"BLEU at 2,000 updates from {source} for `local_100m`." in table
@@ -325,7 +326,8 @@ def test_eval_2000_gives_the_bleu_at_2000_updates_beside_the_runs(local_checkpoi
     assert refused.returncode == 2 and "was trained for 1 updates; --eval-2000 takes one at 2,000" in refused.stderr
     assert len(refused.stderr.strip().split("\n")) == 1
     rerun = _summary(tmp_path / "rerun")  # another training of the preset: its BLEU at 2,000 is not known
-    assert _rows(markdown_table([rerun], record=record))["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
+    rows = _rows(markdown_table([rerun], record=record))
+    assert rows["`local_100m`"].endswith("| 31.25 | – | – | 41.3 | 4.0× |")
 
 
 def test_run_dir_needs_mechanisms(tmp_path):
