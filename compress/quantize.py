@@ -134,10 +134,13 @@ def _consumers(model) -> Dict[str, List[object]]:
 
 
 def constant_weight_matmuls(model) -> List[str]:
-    """Names of the MatMul/Gemm nodes whose B (input 1) is an initializer or a Constant: what int8 applies to."""
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in constants]
+    """Names of the MatMul/Gemm nodes whose B (input 1) is a constant matrix (an initializer or a Constant, 2-D): what
+    int8 applies to. A constant stack of matrices (routing's centroids [H, D, c]) stays fp32: ONNX Runtime's int8
+    MatMul takes one matrix, and a nearest-centroid argmax should not move with rounding."""
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    ranks |= {n.output[0]: len(a.t.dims) for n in model.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and ranks.get(n.input[1]) == 2]
 
 
 def quantized_matmuls(model) -> List[QuantizedNode]:

@@ -1,6 +1,7 @@
 """int8 of an exported model dir: exact int8 values and scales on a hand-made tensor, every constant-weight MatMul
 quantized, an SQNR floor per quantized MatMul, the quantized dir translating in the unchanged runtime, and the
 refusals (mismatched calibration text, an already-quantized dir, an existing --out)."""
+import copy
 import json
 import shutil
 
@@ -11,11 +12,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.calibration import CalibrationData
 from compress.quantize import QuantizeConfig, QuantizeError, quantize, quantize_graph, sqnr_per_matmul
+from export.exporter import export_graphs
+from export.model_dir import StateSpec
 from export.runtime import Translator
 from export.search import SearchOptions
+from export.validate import onnx_runner, validate
 from lite.cli import main
 from lite.files import OutputError
 from lite.text import read_lines
+from tests.conftest import tiny_dictionary, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
@@ -57,6 +62,49 @@ def test_int8_values_and_scales_on_a_hand_made_tensor(preset, expected, tmp_path
     np.testing.assert_allclose(weights["W_scale"], np.array(scales, dtype=np.float32), rtol=1e-6)
     np.testing.assert_array_equal(weights["W_zero_point"], np.zeros(2, dtype=np.int8))
     assert "W" not in weights  # the fp32 weight is gone
+
+
+def _sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - actual) ** 2))
+    return 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / max(noise, 1e-30))
+
+
+def test_a_constant_stack_of_matrices_stays_fp32_and_the_graphs_run(tmp_path):
+    """Routing's centroids [H, D, c] are a constant 3-D B: ONNX Runtime's int8 MatMul takes one matrix (it fails at
+    run time on a stack), so they stay fp32 beside the quantized weights; both int8 graphs then run through the export
+    validation's cases and steps (the fp32 graphs answer the validation, the int8 ones are compared with them)."""
+    model = tiny_model("routing_100m", tiny_dictionary())
+    reference = copy.deepcopy(model)  # export switches the traced copy into ONNX mode
+    description = export_graphs(model, tmp_path)
+    sqnr = {"encoder": [], "decoder_step": []}
+
+    def paired(graph):
+        fp32, int8 = onnx_runner(tmp_path / f"{graph}.onnx"), onnx_runner(tmp_path / f"{graph}.int8.onnx")
+
+        def run(feeds):
+            expected, actual = fp32(feeds), int8(feeds)
+            first = 1 if graph == "encoder" else 0  # the memory of layer 0 / the log-probabilities
+            sqnr[graph].append(_sqnr_db(expected[first], actual[first]))
+            return expected
+        return run
+
+    for graph in ("encoder", "decoder_step"):
+        fp32 = onnx.load(str(tmp_path / f"{graph}.onnx"))
+        ranks = {i.name: len(i.dims) for i in fp32.graph.initializer}
+        stacks = [n.name for n in fp32.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) == 3]
+        matrices = [n.name for n in fp32.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) == 2]
+        assert len(stacks) == 2 and matrices  # a layer's queries and keys against the centroids; the projections
+        quantize_graph(tmp_path / f"{graph}.onnx", tmp_path / f"{graph}.int8.onnx")
+        nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / f"{graph}.int8.onnx")).graph.node}
+        assert all(nodes[name] == "MatMul" for name in stacks)
+        assert sum(op == "MatMulInteger" for op in nodes.values()) == len(matrices)
+    specs = [StateSpec.from_json(s) for s in description["states"]]
+    outputs = {g: description["io"][g]["outputs"] for g in description["io"]}
+    validate(reference, specs, paired("encoder"), paired("decoder_step"), outputs)
+    print("SQNR int8 routing: " + ", ".join(f"{g} {min(v):.1f} dB over {len(v)} runs" for g, v in sqnr.items()))
+    assert len(sqnr["encoder"]) == 6 and len(sqnr["decoder_step"]) == 60
+    # whole outputs, not one MatMul: rounding may move a frame to another cluster, so the floor is below SQNR_FLOOR
+    assert min(sqnr["encoder"]) >= 10.0 and min(sqnr["decoder_step"]) >= 10.0
 
 
 # ---------------------------------------------------------------------------------------------- a model dir
