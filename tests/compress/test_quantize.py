@@ -1,6 +1,7 @@
 """int8 of an exported model dir: exact int8 values and scales on a hand-made tensor, every exported architecture's
-graphs quantized and run beside fp32, every constant-weight MatMul quantized, an SQNR floor per quantized MatMul, the quantized dir translating in the unchanged runtime, and the
-refusals (mismatched calibration text, an already-quantized dir, an existing --out)."""
+graphs quantized and run beside fp32, every constant-weight MatMul quantized, an SQNR floor per quantized MatMul, the
+quantized dir translating in the unchanged runtime, and the refusals (mismatched calibration text, an
+already-quantized dir, an existing --out)."""
 import copy
 import json
 import shutil
