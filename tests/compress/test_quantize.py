@@ -2,7 +2,6 @@
 graphs quantized and run beside fp32, every constant-weight MatMul quantized, an SQNR floor per quantized MatMul, the
 quantized dir translating in the unchanged runtime, and the refusals (mismatched calibration text, an
 already-quantized dir, an existing --out)."""
-import copy
 import json
 import shutil
 
@@ -13,16 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.calibration import CalibrationData
 from compress.quantize import QuantizeConfig, QuantizeError, quantize, quantize_graph, sqnr_per_matmul
-from export.exporter import export_graphs
-from export.model_dir import StateSpec
 from export.runtime import Translator
 from export.search import SearchOptions
 from export.validate import onnx_runner, validate
 from lite.cli import main
 from lite.files import OutputError
 from lite.text import read_lines
-from tests.conftest import tiny_dictionary, tiny_model
 from tests.export.test_export import EXPORTED
+from tests.export.test_export import _export_tiny as export_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 
@@ -85,9 +82,7 @@ def test_every_exported_architecture_quantizes_and_its_int8_graphs_run(arch, tmp
     """Every 2-D constant weight becomes int8; a constant stack of matrices stays fp32 (ONNX Runtime's int8 MatMul
     takes one matrix and fails at run time on a stack); both int8 graphs then run through the export validation's
     cases and steps (the fp32 graphs answer the validation, the int8 ones are compared with them)."""
-    model = tiny_model(arch, tiny_dictionary())
-    reference = copy.deepcopy(model)  # export switches the traced copy into ONNX mode
-    description = export_graphs(model, tmp_path)
+    reference, specs, outputs = export_tiny(arch, tmp_path)
     sqnr = {"encoder": [], "decoder_step": []}
 
     def paired(graph):
@@ -110,8 +105,6 @@ def test_every_exported_architecture_quantizes_and_its_int8_graphs_run(arch, tmp
         nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / f"{graph}.int8.onnx")).graph.node}
         assert all(nodes[name] == "MatMul" for name in stacks)
         assert sum(op == "MatMulInteger" for op in nodes.values()) == len(matrices)
-    specs = [StateSpec.from_json(s) for s in description["states"]]
-    outputs = {g: description["io"][g]["outputs"] for g in description["io"]}
     validate(reference, specs, paired("encoder"), paired("decoder_step"), outputs)
     print(f"SQNR int8 {arch}: " + ", ".join(f"{g} {min(v):.1f} dB over {len(v)} runs" for g, v in sqnr.items()))
     assert len(sqnr["encoder"]) == 6 and len(sqnr["decoder_step"]) == 60
