@@ -32,8 +32,9 @@ Methods
 What is quantized, and what is not (on purpose)
     quantized   every MatMul whose B is a constant weight, i.e. every nn.Linear: attention q/k/v/out projections,
                 the encoder's precomputed cross-attention k/v, conv-branch linear1/linear2, FFN fc1/fc2, GAU and
-                Fastformer projections, the output projection (the largest); Gemm too with ort-static (ONNX
-                Runtime has no dynamic integer Gemm; the exporter writes MatMul + Add for our 3-D inputs anyway).
+                Fastformer projections, the output projection (the largest). The export writes every Linear as
+                MatMul (+ Add), on a 2-D input too (``export.exporter.gemms_as_matmuls``): ONNX Runtime has no
+                dynamic integer Gemm (ort-static quantizes a Gemm too, in a graph exported otherwise).
     fp32        activation x activation MatMuls (attention scores, weighted sums; ``MatMulConstBOnly``): both
                 sides would be quantized at run time, which costs about what it saves at these widths and is where
                 int8 hurts attention most. Gather of the embedding tables: ONNX Runtime quantizes a Gather's table

@@ -107,14 +107,54 @@ def export_graphs(model, out: Path) -> Dict:
 
 
 def _finish(path: Path, dictionary) -> None:
-    """The traced graph's attention steps as ONNX Runtime kernels; the decoder step's candidates (``dictionary``)."""
+    """The traced graph's attention steps as ONNX Runtime kernels, its weight Gemms as MatMuls; the decoder step's
+    candidates (``dictionary``)."""
     import onnx
 
     model = onnx.load(str(path))
     contrib_attention(model)
+    gemms_as_matmuls(model)
     if dictionary is not None:
         candidates.add_candidates(model, pad=dictionary.pad(), eos=dictionary.eos(), unk=dictionary.unk())
     onnx.save(model, str(path))
+
+
+def gemms_as_matmuls(model) -> int:
+    """Rewrite each Gemm of a constant weight (a Linear on a 2-D input, e.g. one decoder frame) as the exporter
+    writes a Linear on a 3-D input: MatMul by the weight transposed once, then Add of the bias. ONNX Runtime's
+    dynamic int8 has no integer Gemm, so a Gemm would stay fp32; it fuses MatMul + Add back into Gemm when it
+    loads an fp32 graph. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    nodes, transposed, rewritten = [], set(), 0
+    for node in graph.node:
+        options = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = options.get("alpha", 1.0) == 1.0 and options.get("beta", 1.0) == 1.0 and not options.get("transA")
+        if node.op_type != "Gemm" or node.input[1] not in weights or not plain:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if options.get("transB"):  # [out, in] -> [in, out]
+            transposed.add(weight)
+            weight = f"{weight}.T"
+            if weight not in weights:
+                weights[weight] = numpy_helper.from_array(
+                    numpy_helper.to_array(weights[node.input[1]]).T.copy(), weight)
+                graph.initializer.append(weights[weight])
+        biased = len(node.input) > 2 and node.input[2] != ""
+        product = f"{node.output[0]}.matmul" if biased else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if biased:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for orphan in [weights[name] for name in transposed - used]:  # now held transposed only
+        graph.initializer.remove(orphan)
+    return rewritten
 
 
 def check_graph(path: Path) -> None:

@@ -99,7 +99,7 @@ def test_every_exported_architecture_quantizes_and_its_int8_graphs_run(arch, tmp
         fp32 = onnx.load(str(tmp_path / f"{graph}.onnx"))
         ranks = {i.name: len(i.dims) for i in fp32.graph.initializer}
         stacks = [n.name for n in fp32.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) == 3]
-        matrices = [n.name for n in fp32.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) == 2]
+        matrices = [n.name for n in fp32.graph.node if n.op_type in ("MatMul", "Gemm") and ranks.get(n.input[1]) == 2]
         assert len(stacks) == STACKS.get(arch, 0) and matrices
         quantize_graph(tmp_path / f"{graph}.onnx", tmp_path / f"{graph}.int8.onnx")
         nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / f"{graph}.int8.onnx")).graph.node}

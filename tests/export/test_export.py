@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.exporter import ExportError, check_graph, export, export_graphs
+from export.exporter import ExportError, check_graph, export, export_graphs, gemms_as_matmuls
 from export.model_dir import ModelDirError, StateSpec
 from export.runtime import Translator
 from export.search import SearchOptions
@@ -63,6 +63,39 @@ def test_graphs_match_pytorch(arch, tmp_path):
     report = validate(reference, specs, onnx_runner(tmp_path / "encoder.onnx"),
                       onnx_runner(tmp_path / "decoder_step.onnx"), outputs)
     assert report.cases == 6 and report.steps == 10  # validate() raises beyond 1e-4
+
+
+def test_weight_gemms_become_matmuls_that_compute_the_same(tmp_path):
+    """A Linear on a 2-D input traces to Gemm, which ONNX Runtime's dynamic int8 cannot quantize: each Gemm of a
+    constant weight (transposed or not, with or without a bias) becomes MatMul (+ Add), the same numbers; a Gemm
+    with a scale or of two activations stays."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, v, b = (rng.standard_normal(s).astype(np.float32) for s in ((5, 4), (4, 3), (5,)))
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y1"], name="linear", transB=1),  # nn.Linear
+             helper.make_node("Gemm", ["x", "w", ""], ["y2"], name="shared", transB=1),  # the same weight again
+             helper.make_node("Gemm", ["x", "v"], ["y3"], name="plain"),
+             helper.make_node("Gemm", ["x", "v"], ["y4"], name="scaled", alpha=2.0),
+             helper.make_node("Gemm", ["x", "x"], ["y5"], name="activations", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, n]) for y, n in
+                               (("y1", 5), ("y2", 5), ("y3", 3), ("y4", 3), ("y5", 2))],
+                              [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (v, "v"), (b, "b"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    assert gemms_as_matmuls(model) == 3
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert ops == {"linear": "MatMul", "linear.bias": "Add", "shared": "MatMul", "plain": "MatMul",
+                   "scaled": "Gemm", "activations": "Gemm"}
+    assert {i.name for i in model.graph.initializer} == {"w.T", "v", "b"}  # w held once, transposed
+    onnx.save(model, str(tmp_path / "matmul.onnx"))
+    expected, actual = (onnx_runner(tmp_path / f"{name}.onnx")({"x": x}) for name in ("gemm", "matmul"))
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
 def test_reformer_rounds_and_short_chunks_match_pytorch(tmp_path):
