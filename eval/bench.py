@@ -29,7 +29,10 @@ Figures per target and thread count (the JSON's ``results``; times in ms, sizes 
     same_as_first       hypotheses equal to the first target's (same sentences, batch 1, beam)
 Each result also holds its ``hypotheses`` (batch 1, beam), so that any figure of output quality can be rescored,
 and ``latency_by_length``: [source words, ms] of every sentence at batch 1 (the first repeat).
-With ``--repeat N`` each figure is the median over the repeats, and ``repeats`` holds min/median/max.
+With ``--repeat N`` the targets are measured in N rounds, every other round in reverse order, so that a drift of
+the machine's speed during the run falls on every target alike (one target's repeats back to back, the ratio of two
+targets measured minutes apart moved by 1.3x); each figure is the median over the repeats, and ``repeats`` holds
+min/median/max.
 A target that cannot run (e.g. ``ct2`` on an LSRA checkpoint) gets ``error`` (one line); the others run.
 """
 from __future__ import annotations
@@ -289,9 +292,7 @@ def _run_worker(target: Target, sources: list[str], config: BenchConfig, threads
 
 def bench(targets: Sequence[Target], sources: Sequence[str], references: Sequence[str] | None = None,
           config: BenchConfig = BenchConfig(), progress=None) -> dict:
-    """Measure every target at every thread count (``config.repeat`` times each); the JSON document."""
-    from eval.bleu import corpus_bleu
-
+    """Measure every target at every thread count (``config.repeat`` rounds over all targets); the JSON document."""
     pairs = [(s, r) for s, r in zip(sources, references or [None] * len(sources)) if s.strip()][:config.sentences]
     if not pairs:
         raise BenchError("the source file has no non-empty line to translate")
@@ -305,40 +306,48 @@ def bench(targets: Sequence[Target], sources: Sequence[str], references: Sequenc
         except LiteError as e:  # e.g. an LSRA checkpoint: CTranslate2 runs the Transformer only
             resolved[target] = e
     for threads in config.threads:
+        repeats = {t: [] for t in targets if not isinstance(resolved[t], LiteError)}  # target -> worker results
+        for round_ in range(config.repeat):  # every target once a round, in reverse order every other round
+            for target in list(repeats)[::-1 if round_ % 2 else 1]:
+                if repeats[target] and "error" in repeats[target][-1]:
+                    continue
+                repeats[target].append(_run_worker(resolved[target], lines, config, threads))
+                if progress:
+                    progress(target, threads)
         for target in targets:
             if isinstance(resolved[target], LiteError):
                 runs.append(Run(target.name, target.backend, threads, error=str(resolved[target])))
                 continue
-            repeats = []
-            for _ in range(config.repeat):
-                repeats.append(_run_worker(resolved[target], lines, config, threads))
-                if progress:
-                    progress(target, threads)
-                if "error" in repeats[-1]:
-                    break
-            run = Run(target.name, target.backend, threads)
-            if "error" in repeats[-1]:
-                run.error = repeats[-1]["error"]
-                runs.append(run)
-                continue
-            outputs = repeats[0].pop("outputs")
-            run.latency_by_length = repeats[0].pop("latency_by_length")
-            for r in repeats[1:]:
-                r.pop("outputs"), r.pop("latency_by_length")
-            first_outputs = first_outputs if first_outputs is not None else outputs
-            run.hypotheses = outputs
-            run.figures = {k: statistics.median(r[k] for r in repeats) for k in TIMED}
-            run.figures["bytes"] = repeats[0]["bytes"]
-            run.figures["sentences"] = len(lines)
-            run.figures["same_as_first"] = sum(a == b for a, b in zip(outputs, first_outputs))
-            if references is not None:
-                run.figures["bleu"] = round(corpus_bleu(outputs, [r for _, r in pairs]), 2)
-            if config.repeat > 1:
-                run.repeats = {k: {"min": min(r[k] for r in repeats), "median": run.figures[k],
-                                   "max": max(r[k] for r in repeats)} for k in TIMED}
+            run = _summary(target, threads, repeats[target], first_outputs,
+                           [r for _, r in pairs] if references is not None else None)
+            first_outputs = first_outputs if first_outputs is not None or run.error else run.hypotheses
             runs.append(run)
     return {"config": asdict(config), "targets": [asdict(t) for t in targets], "machine": _machine(),
             "results": [asdict(r) for r in runs]}
+
+
+def _summary(target: Target, threads: int, repeats: list, first_outputs: list | None,
+             references: list | None) -> Run:
+    """One target's figures at one thread count: the median over its repeats (its first error, if any)."""
+    from eval.bleu import corpus_bleu
+
+    run = Run(target.name, target.backend, threads)
+    if "error" in repeats[-1]:
+        run.error = repeats[-1]["error"]
+        return run
+    outputs = repeats[0].pop("outputs")
+    run.latency_by_length = repeats[0].pop("latency_by_length")
+    run.hypotheses = outputs
+    run.figures = {k: statistics.median(r[k] for r in repeats) for k in TIMED}
+    run.figures["bytes"] = repeats[0]["bytes"]
+    run.figures["sentences"] = len(outputs)
+    run.figures["same_as_first"] = sum(a == b for a, b in zip(outputs, first_outputs or outputs))
+    if references is not None:
+        run.figures["bleu"] = round(corpus_bleu(outputs, references), 2)
+    if len(repeats) > 1:
+        run.repeats = {k: {"min": min(r[k] for r in repeats), "median": run.figures[k],
+                           "max": max(r[k] for r in repeats)} for k in TIMED}
+    return run
 
 
 def _machine() -> dict:

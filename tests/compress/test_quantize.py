@@ -350,6 +350,28 @@ def test_compact_layout_is_validated_against_fp32(dynamic, plain, workdir):
     assert sum(a == b for a, b in zip(compact, no_compact)) >= 0.8 * len(lines)
 
 
+def _two_outputs(path, small_gain):
+    """A graph of outputs ``large = 1000 x`` and ``small = small_gain * x``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("large", "small")]
+    gains = [numpy_helper.from_array(np.array(g, np.float32), f"{n}_gain")
+             for n, g in (("large", 1000), ("small", small_gain))]
+    nodes = [helper.make_node("Mul", ["x", f"{n}_gain"], [n]) for n in ("large", "small")]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "two", [x], outputs, gains)), str(path))
+    return path
+
+
+def test_compact_validation_reports_the_worst_output_not_the_largest(tmp_path):
+    from compress.compact import validate
+
+    exact, noisy = _two_outputs(tmp_path / "exact.onnx", 1.0), _two_outputs(tmp_path / "noisy.onnx", 1.1)
+    x = np.array([[1, -2, 3], [0.5, -np.inf, 4]], np.float32)  # a masked log-prob: -inf in both, left out
+    graphs = ("encoder", "decoder_step")
+    report = validate({g: exact for g in graphs}, {"int8": {g: noisy for g in graphs}}, {g: [{"x": x}] for g in graphs})
+    for g in graphs:  # small: noise 0.1 x -> 20 dB; summed with large's exact 1000 x it would read 80 dB
+        assert report["int8"][g] == pytest.approx(20.0, abs=0.01)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "swapped"])
 def test_a_damaged_weights_file_is_refused(dynamic, tmp_path, damage):
     from export.model_dir import ModelDirError

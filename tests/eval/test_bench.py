@@ -46,6 +46,31 @@ def test_output_figures_match_an_independent_recount(document, trained):
     assert onnx_run["figures"]["bytes"] == sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
 
 
+def test_repeats_are_rounds_over_all_targets_every_other_one_reversed(monkeypatch):
+    """The order of the worker runs (their measurement is tested above, on real targets): a drift of the machine
+    during the run falls on every target alike, and a target that failed is not run again."""
+    import eval.bench
+
+    order, latency = [], {"a": [3.0, 1.0, 2.0], "b": [5.0, 4.0, 6.0]}
+
+    def worker(target, lines, config, threads):
+        order.append(target.label)
+        if target.label == "broken":
+            return {"error": "worker exited with 1: no model"}
+        ms = latency[target.label][sum(o == target.label for o in order) - 1]
+        return {**{k: ms for k in eval.bench.TIMED}, "bytes": 1, "outputs": ["x"], "latency_by_length": [[1, ms]]}
+
+    monkeypatch.setattr(eval.bench, "_run_worker", worker)
+    targets = [Target("onnx", p, label=p) for p in ("a", "broken", "b")]
+    doc = bench(targets, ["ein Satz"], config=BenchConfig(repeat=3))
+    assert order == ["a", "broken", "b", "b", "a", "a", "b"]
+    a, broken, b = doc["results"]
+    assert a["figures"]["latency_ms_p50"] == 2.0 and a["repeats"]["latency_ms_p50"] == {"min": 1.0, "median": 2.0,
+                                                                                         "max": 3.0}
+    assert b["figures"]["latency_ms_p50"] == 5.0 and b["figures"]["same_as_first"] == 1
+    assert broken["error"] == "worker exited with 1: no model" and not broken["figures"]
+
+
 def test_cli_writes_the_json_and_prints_the_table(trained, workdir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     source = workdir / "data" / "raw" / "test.de"
