@@ -30,9 +30,8 @@ Figures per target and thread count (the JSON's ``results``; times in ms, sizes 
 Each result also holds its ``hypotheses`` (batch 1, beam), so that any figure of output quality can be rescored,
 and ``latency_by_length``: [source words, ms] of every sentence at batch 1 (the first repeat).
 With ``--repeat N`` the targets are measured in N rounds, every other round in reverse order, so that a drift of
-the machine's speed during the run falls on every target alike (one target's repeats back to back, the ratio of two
-targets measured minutes apart moved by 1.3x); each figure is the median over the repeats, and ``repeats`` holds
-min/median/max.
+the machine's speed during the run (on a shared machine, up to 1.8x within minutes) falls on every target alike;
+each figure is the median over the repeats, and ``repeats`` holds min/median/max.
 A target that cannot run (e.g. ``ct2`` on an LSRA checkpoint) gets ``error`` (one line); the others run.
 """
 from __future__ import annotations
