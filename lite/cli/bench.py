@@ -69,7 +69,8 @@ def register(sub) -> None:
                    "named in a warning)")
     p.add_argument("--sentences", type=positive_int, default=300, help="the first N non-empty lines")
     p.add_argument("--threads", type=_threads, default=(1,), help="thread counts, e.g. 1,all (default: 1)")
-    p.add_argument("--repeat", type=positive_int, default=1, help="runs per target; figures are the median")
+    p.add_argument("--repeat", type=positive_int, default=1,
+                   help="rounds over all targets, every other one in reverse order; figures are the median")
     p.add_argument("--warmup", type=non_negative_int, default=5, help="sentences translated before timing")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size of the throughput run")
     p.add_argument("--beam", type=positive_int, default=4)
