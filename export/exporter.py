@@ -151,10 +151,24 @@ def gemms_as_matmuls(model) -> int:
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used = _names_read(graph) | {o.name for o in graph.output}
     for orphan in [weights[name] for name in transposed - used]:  # now held transposed only
         graph.initializer.remove(orphan)
     return rewritten
+
+
+def _names_read(graph) -> set[str]:
+    """Every name the graph's nodes read, those of nested graphs (If/Loop/Scan bodies read the outer scope) too."""
+    from onnx import AttributeProto
+
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            nested = [attribute.g] if attribute.type == AttributeProto.GRAPH else attribute.graphs
+            for body in nested:
+                names |= _names_read(body)
+    return names
 
 
 def check_graph(path: Path) -> None:

@@ -98,6 +98,34 @@ def test_weight_gemms_become_matmuls_that_compute_the_same(tmp_path):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
+def test_a_weight_that_a_nested_graph_reads_is_kept_beside_its_transpose(tmp_path):
+    """The rewrite drops a weight that only its Gemms read; a branch of an If reads the outer scope by name, so a
+    weight read there stays."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 4)).astype(np.float32)
+    branch = helper.make_graph([helper.make_node("Identity", ["w"], ["branch_w"])], "branch", [],
+                               [helper.make_tensor_value_info("branch_w", TensorProto.FLOAT, [5, 4])])
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], name="linear", transB=1),
+             helper.make_node("If", ["flag"], ["z"], name="nested", then_branch=branch, else_branch=branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [5, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert gemms_as_matmuls(model) == 1
+    assert {i.name for i in model.graph.initializer} == {"w", "w.T"}
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp_path / "matmul.onnx"))
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    y, z = onnx_runner(tmp_path / "matmul.onnx")({"x": x, "flag": np.array(True)})
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(z, w)
+
+
 def test_reformer_rounds_and_short_chunks_match_pytorch(tmp_path):
     """Reformer beyond its preset: 3 hash rounds (the logsumexp combination) and chunks of 3, shorter than most
     sources (the sort, several chunks and the scatter back) in the encoder; 3 rounds of cached buckets in the step."""
