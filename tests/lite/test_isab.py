@@ -10,6 +10,7 @@ from torch import nn
 from lite.modules import CAUSAL_MIXERS, MIXERS, MixerSpec
 from lite.modules.isab import InducedSetAttention, isab_from_spec
 from tests.conftest import assert_close, left_padding, tiny_model
+from tests.lite.mixer_checks import assert_padded_frames_do_not_leak
 
 POINTS = 3
 
@@ -146,16 +147,7 @@ def test_left_padding_changes_nothing():
 def test_padded_frames_do_not_leak():
     """Changing what sits at padded positions (left and right) changes nothing at real positions; pads give zero."""
     unit = make_unit()
-    x = torch.randn(13, 2, 16)
-    mask = left_padding(2, 13, pads=3)
-    mask[0, -2:] = True  # the first sentence is right-padded
-    y = unit(x, mask)
-    x_other = x.clone()
-    x_other[:3, 1] = 1e3 * torch.randn(3, 16)
-    x_other[-2:, 0] = 1e3 * torch.randn(2, 16)
-    assert_close(unit(x_other, mask), y)
-    assert_close(y[:3, 1], torch.zeros(3, 16))
-    assert_close(y[-2:, 0], torch.zeros(2, 16))
+    x, mask, y = assert_padded_frames_do_not_leak(unit)
     assert_close(y, unit.reference_forward(x, mask))
     assert_close(y[:, 1:][3:], unit(x[3:, 1:]))  # the sentence alone
 
