@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lite.errors import LiteError
+from lite.machine import describe
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx", "ort", "ct2")
@@ -321,7 +322,7 @@ def bench(targets: Sequence[Target], sources: Sequence[str], references: Sequenc
                            [r for _, r in pairs] if references is not None else None)
             first_outputs = first_outputs if first_outputs is not None or run.error else run.hypotheses
             runs.append(run)
-    return {"config": asdict(config), "targets": [asdict(t) for t in targets], "machine": _machine(),
+    return {"config": asdict(config), "targets": [asdict(t) for t in targets], "machine": describe(),
             "results": [asdict(r) for r in runs]}
 
 
@@ -349,13 +350,6 @@ def _summary(target: Target, threads: int, repeats: list, first_outputs: list | 
     return run
 
 
-def _machine() -> dict:
-    import platform
-
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version()}
-
-
 def markdown(document: dict) -> str:
     """The results as a Markdown table, with each target's speed-up over the first at the same thread count."""
     rows = ["| target | threads | ms/sent. beam p50 (p90) | greedy p50 | tokens/s | × first | peak RSS MB | "
@@ -371,4 +365,7 @@ def markdown(document: dict) -> str:
                     f"{f['greedy_ms_p50']:.1f} | {f['tokens_per_s']:.0f} | "
                     f"{base[r['threads']] / f['latency_ms_p50']:.2f} | {f['peak_rss_mb']:.0f} | "
                     f"{f['bytes'] / 1e6:.2f} | {f.get('bleu', '–')} | {f['same_as_first']}/{f['sentences']} |")
+    machine = document.get("machine") or {}
+    if machine.get("cpu"):
+        rows.append(f"\nOn {machine['cpu']} ({machine['isa'] or 'no vector extension named'}), {machine['cores']} cores.")
     return "\n".join(rows)

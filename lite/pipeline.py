@@ -29,6 +29,7 @@ import yaml
 
 from lite.errors import LiteError
 from lite.files import write_json
+from lite.machine import describe
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def run_stages(stages: list[Stage], manifest: Manifest, progress=None) -> list[s
             raise
         manifest.record(stage, status="done", key=key, outputs={str(p): content_hash(p) for p in stage.outputs},
                         seconds=round(time.perf_counter() - wall, 1), cpu_seconds=round(_cpu_seconds() - cpu, 1),
-                        finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                        machine=describe(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         ran.append(stage.name)
         if progress:
             progress(stage, "done")

@@ -7,6 +7,7 @@ from sacrebleu.metrics import BLEU
 
 from eval.bench import BenchConfig, Target, bench, markdown
 from lite.cli import main
+from lite.machine import describe
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def test_every_backend_is_measured_and_ct2_refuses_lsra_in_one_line(document):
         assert run["repeats"]["latency_ms_p50"]["min"] <= f["latency_ms_p50"] <= run["repeats"]["latency_ms_p50"]["max"]
     assert "cannot be converted to CTranslate2" in ct2_run["error"] and "\n" not in ct2_run["error"]
     assert "cannot be converted" in markdown(doc)
+    assert doc["machine"] == describe() and "(" + describe()["isa"] in markdown(doc)  # the CPU the times are of
 
 
 def test_output_figures_match_an_independent_recount(document, trained):

@@ -7,6 +7,7 @@ import pytest
 import yaml
 from sacrebleu.metrics import BLEU
 
+from lite.machine import describe
 from lite.pipeline import PipelineError, load_pipeline, run_pipeline
 from tests.conftest import ROOT
 
@@ -43,6 +44,7 @@ def test_every_stage_runs_and_is_recorded(run):
     assert {"lsra/prune", "lsra/finetune", "lsra/quantize", "transformer/quantize", "bench"} <= set(ran)
     for name, entry in manifest["stages"].items():
         assert entry["status"] == "done" and entry["outputs"] and entry["command"] and entry["cpu_seconds"] >= 0
+        assert entry["machine"] == describe()  # what its CPU seconds bought depends on the CPU
     assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
 
 
