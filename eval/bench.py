@@ -367,5 +367,6 @@ def markdown(document: dict) -> str:
                     f"{f['bytes'] / 1e6:.2f} | {f.get('bleu', '–')} | {f['same_as_first']}/{f['sentences']} |")
     machine = document.get("machine") or {}
     if machine.get("cpu"):
-        rows.append(f"\nOn {machine['cpu']} ({machine['isa'] or 'no vector extension named'}), {machine['cores']} cores.")
+        isa = machine["isa"] or "no vector extension named"
+        rows.append(f"\nOn {machine['cpu']} ({isa}), {machine['cores']} cores.")
     return "\n".join(rows)
