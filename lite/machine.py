@@ -1,6 +1,6 @@
-"""The CPU a figure was measured on. A CPU-minute buys 1.5x more training updates on one x86 server than on another
-(AVX-512 with VNNI against AVX2 only), and int8 kernels differ with the same extensions, so every time and every
-CPU-time budget is recorded with it. Torch-free: the bench's parent process and the ONNX runtime read it too."""
+"""The CPU a figure was measured on. A CPU-minute bought an LSRA training about twice the updates on AVX-512 VNNI
+servers that it bought on an AVX2-only one (README, "Measured"), and int8 kernels differ with the same extensions,
+so every time and every CPU-time budget is recorded with it. Torch-free: the bench's parent process and the ONNX runtime read it too."""
 from __future__ import annotations
 
 import os
